@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny pipelines so the suite stays fast on two CPU cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the suite may reach the network: the Hub and the Inception weights are unreachable here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+
+# A digits-shaped UNet small enough that 1000 steps take a fraction of a second.
+TINY_UNET = {"block_out_channels": (16, 32), "norm_num_groups": 8}
+
+
+@pytest.fixture(scope="session")
+def test_output_dir() -> Path:
+    TEST_OUTPUT.mkdir(exist_ok=True)
+    return TEST_OUTPUT
+
+
+def make_tiny_pipeline(seed: int = 0, variance_type: str | None = None):
+    import torch
+
+    from ddpm_plugin import DDPMPaperPipeline, PaperUNet2DModel, paper_scheduler
+
+    torch.manual_seed(seed)
+    unet = PaperUNet2DModel.from_preset("digits", **TINY_UNET)
+    overrides = {} if variance_type is None else {"variance_type": variance_type}
+    pipe = DDPMPaperPipeline(unet=unet.eval(), scheduler=paper_scheduler("digits", **overrides))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_pipeline():
+    return make_tiny_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A saved tiny digits pipeline (random weights). Tests must not modify it."""
+    path = tmp_path_factory.mktemp("tiny") / "pipeline"
+    make_tiny_pipeline().save_pretrained(path)
+    return path
