@@ -10,7 +10,7 @@ import argparse
 import sys
 from importlib import import_module
 
-SUBCOMMANDS = ("info", "sample")
+SUBCOMMANDS = ("info", "sample", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,32 @@
+"""`ddpm demo`: serve the Gradio demo on one or more pipeline folders."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="serve the interactive Gradio demo in a browser")
+    parser.add_argument("--model", action="append", metavar="DIR",
+                        help="pipeline folder to offer; repeat for several (default: the bundled digits model)")
+    parser.add_argument("--host", default=None,
+                        help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--max-images", type=int, default=16, help="most images one request may ask for")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests sampled at the same time")
+    parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait in the queue")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per request (default: CPU cores / concurrency)")
+    parser.add_argument("--no-onnx", action="store_true", help="offer only the PyTorch backend")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ddpm_plugin.bundled import resolve_model
+    from ddpm_plugin.demo.app import launch
+
+    launch(
+        args.model or [resolve_model(None)], host=args.host, port=args.port, max_images=args.max_images,
+        concurrency=args.concurrency, queue_size=args.queue_size, num_threads=args.threads, onnx=not args.no_onnx,
+    )
+    return 0

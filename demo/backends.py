@@ -1,0 +1,380 @@
+"""The demo's engine, free of Gradio: the configured models, sampling them with ONNX Runtime or PyTorch, and
+the pictures the page shows.
+
+`demo/app.py` lays out the page and hands every request to [`DemoEngine`]; everything here is also callable
+from Python and tested without a browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ddpm_plugin.images import make_grid
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["onnxruntime", "pytorch"]
+Sampler = Literal["ddpm", "ddim"]
+VarianceType = Literal["fixed_large", "fixed_small"]
+
+BACKENDS: tuple[str, ...] = ("onnxruntime", "pytorch")
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+VARIANCE_TYPES: tuple[str, ...] = ("fixed_large", "fixed_small")
+
+MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED, the range every client's number widget can hold exactly
+MAX_IMAGES = 16  # default cap on images per request: bounds the memory one request can take
+NUM_SNAPSHOTS = 8  # columns of the denoising progression (paper Fig. 6)
+PROGRESSION_IMAGES = 4  # images whose progression is drawn, two rows each (x_t and predicted x_0)
+GALLERY_PIXELS = 128  # gallery images are upscaled to at least this size, by nearest neighbour
+PROGRESSION_PIXELS = 64  # the same for each tile of the progression
+
+# Called after every denoising step with (steps done, total steps).
+StepCallback = Callable[[int, int], None]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm-plugin"
+
+
+def _integer_in(name: str, value: Any, low: int, high: int) -> int:
+    """`value` as an int in low..high, or a `ValueError` naming the control."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole number in {low}..{high}, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {int(value)}.")
+    return int(value)
+
+
+def _one_of(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the page (or an API client) asks for. [`DemoEngine.check`] validates it.
+
+    Args:
+        model (`str`): The name of a configured model (never a path).
+        backend (`str`, defaults to `"onnxruntime"`): `"onnxruntime"` or `"pytorch"`.
+        sampler (`str`, defaults to `"ddpm"`): `"ddpm"` (the paper's ancestral sampler) or `"ddim"`.
+        variance_type (`str`, defaults to `"fixed_large"`): sigma_t^2 of the ancestral sampler, beta_t
+            (`"fixed_large"`) or beta_tilde_t (`"fixed_small"`); DDIM ignores it.
+        num_inference_steps (`int`, defaults to 1000): Denoising steps, 1..`num_train_timesteps`.
+        num_images (`int`, defaults to 4): Images to generate, 1..the engine's `max_images`.
+        seed (`int`, defaults to 0): Seed of the initial noise and of every step's noise, 0..`MAX_SEED`.
+        eta (`float`, defaults to 0.0): DDIM's stochasticity in 0..1; the ancestral sampler ignores it.
+    """
+
+    model: str
+    backend: str = "onnxruntime"
+    sampler: str = "ddpm"
+    variance_type: str = "fixed_large"
+    num_inference_steps: int = 1000
+    num_images: int = 4
+    seed: int = 0
+    eta: float = 0.0
+
+
+@dataclass
+class Generation:
+    """The result of one request.
+
+    Args:
+        images (`np.ndarray` of shape `(num_images, height, width, channels)`): The samples x_0 in [0, 1].
+        x_t (`np.ndarray` of shape `(num_snapshots, num_images, height, width, channels)`): x_t at the snapshot
+            steps, in [0, 1].
+        pred_original_sample (`np.ndarray` of the shape of `x_t`): The predicted x_0 at the same steps.
+        timesteps (`list[int]`): t of each snapshot.
+        seconds (`float`): Sampling time.
+    """
+
+    images: np.ndarray
+    x_t: np.ndarray
+    pred_original_sample: np.ndarray
+    timesteps: list[int]
+    seconds: float
+
+
+def to_image(sample: np.ndarray) -> np.ndarray:
+    """A batch x in [-1, 1] (NCHW) as NHWC images in [0, 1]."""
+    return np.clip(np.asarray(sample, dtype=np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+class ProgressionRecorder:
+    """The step callback of both backends: keeps x_t and the predicted x_0 at `NUM_SNAPSHOTS` evenly spaced
+    steps, first and last included, and reports progress."""
+
+    def __init__(self, num_inference_steps: int, on_step: StepCallback | None = None):
+        count = min(NUM_SNAPSHOTS, num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        self.snapshot_steps = set(np.linspace(0, num_inference_steps - 1, count).round().astype(int).tolist())
+        self.on_step = on_step
+        self.x_t: list[np.ndarray] = []
+        self.pred_original_sample: list[np.ndarray] = []
+        self.timesteps: list[int] = []
+
+    def __call__(self, i: int, t: int, x_t: np.ndarray, pred_original_sample: np.ndarray) -> None:
+        if i in self.snapshot_steps:
+            self.x_t.append(to_image(x_t))
+            self.pred_original_sample.append(to_image(pred_original_sample))
+            self.timesteps.append(int(t))
+        if self.on_step is not None:
+            self.on_step(i + 1, self.num_inference_steps)
+
+    def result(self, images: np.ndarray, seconds: float) -> Generation:
+        return Generation(
+            images=np.asarray(images, dtype=np.float32), x_t=np.stack(self.x_t),
+            pred_original_sample=np.stack(self.pred_original_sample), timesteps=self.timesteps, seconds=seconds,
+        )
+
+
+class DemoModel:
+    """One configured pipeline folder, loaded for PyTorch and, when possible, for ONNX Runtime.
+
+    Args:
+        name (`str`): The name the page shows.
+        folder (`Path`): The pipeline folder (`model_index.json`, `unet/`, `scheduler/`, optionally `onnx/`).
+        num_threads (`int`, *optional*): Intra-op threads of the ONNX Runtime session.
+        onnx (`bool`, defaults to `True`): Load (and, when `folder/onnx` is missing, export) the ONNX network.
+    """
+
+    def __init__(self, name: str, folder: Path, num_threads: int | None = None, onnx: bool = True):
+        from ddpm_plugin.sampling import load_pipeline
+
+        self.name, self.folder = name, folder
+        self.torch_pipeline = load_pipeline(folder)
+        config = self.torch_pipeline.scheduler.config
+        self.num_train_timesteps = int(config.num_train_timesteps)
+        self.variance_type = config.variance_type
+        self.onnx_pipeline, self.onnx_problem = None, "disabled by --no-onnx"
+        if onnx:
+            try:
+                self.onnx_pipeline, self.onnx_problem = self._load_onnx(num_threads), None
+            except Exception as error:  # an optional backend: the page explains why it is off
+                self.onnx_problem = f"{type(error).__name__}: {error}"
+                logger.warning("ONNX Runtime backend disabled for %s: %s", name, self.onnx_problem)
+
+    def _onnx_folder(self) -> Path:
+        """`folder/onnx` when the pipeline ships its export, else an export cached by the weights' hash."""
+        shipped = self.folder / "onnx"
+        if shipped.is_dir():
+            return shipped
+        from ddpm_plugin.export.onnx_export import export_onnx
+
+        # Keyed by what the export depends on: the network's files and the training schedule.
+        digest = hashlib.sha256()
+        for path in [*sorted((self.folder / "unet").iterdir()), self.folder / "scheduler" / "scheduler_config.json"]:
+            digest.update(path.name.encode() + path.read_bytes())
+        cached = _cache_root() / "onnx" / digest.hexdigest()[:16]
+        if not cached.is_dir():
+            logger.info("exporting %s to ONNX in %s", self.folder, cached)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # Export beside the cache entry and rename, so a killed export never leaves a half-written entry.
+            partial = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".partial-"))
+            try:
+                export_onnx(self.folder, partial)
+                partial.rename(cached)
+            except OSError:
+                if not cached.is_dir():  # another process may have won the rename
+                    raise
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+        return cached
+
+    def _load_onnx(self, num_threads: int | None) -> Any:
+        from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
+
+        return OnnxDDPMPipeline.from_pretrained(self._onnx_folder(), provider="auto", num_threads=num_threads)
+
+    def sample(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
+        """Run `request` (already checked) on its backend, feeding `recorder`; the images NHWC in [0, 1]."""
+        if request.backend == "onnxruntime":
+            return self._sample_onnx(request, recorder)
+        return self._sample_torch(request, recorder)
+
+    def _sample_onnx(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
+        return self.onnx_pipeline(
+            batch_size=request.num_images, num_inference_steps=request.num_inference_steps,
+            scheduler=request.sampler, eta=request.eta, variance_type=request.variance_type, seed=request.seed,
+            output_type="np", callback=recorder, progress_bar=False,
+        ).images
+
+    def _sample_torch(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
+        import torch
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        from ddpm_plugin.pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
+
+        config = self.torch_pipeline.scheduler.config
+        if request.sampler == "ddim":
+            scheduler = DDIMScheduler.from_config(config)
+        else:
+            scheduler = DDPMScheduler.from_config(config, variance_type=request.variance_type)
+        # A pipeline per request shares the network but not the scheduler's state, so that concurrent
+        # requests cannot change each other's timesteps.
+        pipe = DDPMPaperPipeline(unet=self.torch_pipeline.unet, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+
+        def on_step_end(pipe: DDPMPaperPipeline, i: int, t: Any, tensors: dict) -> dict:
+            recorder(i, int(t), tensors["latents"].float().numpy(), tensors["pred_original_sample"].float().numpy())
+            return {}
+
+        return pipe(
+            batch_size=request.num_images, generator=torch.Generator().manual_seed(request.seed),
+            num_inference_steps=request.num_inference_steps, output_type="np", eta=request.eta,
+            callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
+        ).images
+
+
+def unique_names(folders: Sequence[Path]) -> list[str]:
+    """The folders' base names, with `-2`, `-3`, ... added where two folders share a name."""
+    names: list[str] = []
+    for folder in folders:
+        name, k = folder.name or "model", 2
+        while name in names:
+            name, k = f"{folder.name}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+class DemoEngine:
+    """The configured models and the limits the page enforces.
+
+    Args:
+        folders (`Sequence[str | os.PathLike]`): Pipeline folders; the page offers them by base name only.
+        max_images (`int`, defaults to `MAX_IMAGES`): Most images one request may ask for.
+        num_threads (`int`, *optional*): Threads per request for PyTorch and ONNX Runtime.
+        onnx (`bool`, defaults to `True`): Offer the ONNX Runtime backend (exporting models that lack `onnx/`).
+
+    Example:
+
+    ```py
+    >>> from ddpm_plugin.bundled import resolve_model
+    >>> from ddpm_plugin.demo.backends import DemoEngine, GenerationRequest
+    >>> engine = DemoEngine([resolve_model(None)])
+    >>> generation = engine.generate(GenerationRequest("ddpm-digits", sampler="ddim", num_inference_steps=50))
+    >>> generation.images.shape
+    (4, 8, 8, 1)
+    ```
+    """
+
+    def __init__(
+        self,
+        folders: Sequence[str | os.PathLike],
+        max_images: int = MAX_IMAGES,
+        num_threads: int | None = None,
+        onnx: bool = True,
+    ):
+        if not folders:
+            raise ValueError("`folders` must name at least one pipeline folder.")
+        if max_images < 1:
+            raise ValueError(f"`max_images` must be at least 1, got {max_images}.")
+        if num_threads is not None:
+            import torch
+
+            torch.set_num_threads(num_threads)
+        paths = [Path(folder).resolve() for folder in folders]
+        self.models = {
+            name: DemoModel(name, path, num_threads=num_threads, onnx=onnx)
+            for name, path in zip(unique_names(paths), paths)
+        }
+        self.max_images = max_images
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def backends(self) -> list[str]:
+        """The backends at least one model can run, ONNX Runtime first."""
+        onnx = any(model.onnx_pipeline is not None for model in self.models.values())
+        return [backend for backend in BACKENDS if onnx or backend != "onnxruntime"]
+
+    @property
+    def max_steps(self) -> int:
+        return max(model.num_train_timesteps for model in self.models.values())
+
+    def check(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with whole numbers as ints, or a `ValueError` that names the rejected control."""
+        if request.model not in self.models:
+            raise ValueError(f"Unknown model {request.model!r}; choose one of: {', '.join(self.models)}.")
+        model = self.models[request.model]
+        _one_of("Backend", request.backend, BACKENDS)
+        if request.backend == "onnxruntime" and model.onnx_pipeline is None:
+            raise ValueError(f"ONNX Runtime is not available for {model.name} ({model.onnx_problem}); use PyTorch.")
+        _one_of("Sampler", request.sampler, SAMPLERS)
+        _one_of("Variance", request.variance_type, VARIANCE_TYPES)
+        eta = request.eta
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"Eta must be a number in 0..1, got {eta!r}.")
+        return GenerationRequest(
+            model=request.model, backend=request.backend, sampler=request.sampler,
+            variance_type=request.variance_type,
+            num_inference_steps=_integer_in("Steps", request.num_inference_steps, 1, model.num_train_timesteps),
+            num_images=_integer_in("Number of images", request.num_images, 1, self.max_images),
+            seed=_integer_in("Seed", request.seed, 0, MAX_SEED), eta=float(eta),
+        )
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Generation:
+        """Check and run `request`, calling `on_step(done, total)` after every denoising step."""
+        request = self.check(request)
+        recorder = ProgressionRecorder(request.num_inference_steps, on_step)
+        start = time.perf_counter()
+        images = self.models[request.model].sample(request, recorder)
+        return recorder.result(images, time.perf_counter() - start)
+
+    def describe(self) -> dict[str, Any]:
+        """The models, backends and limits, as the `/models` API returns them."""
+        return {
+            "models": {
+                name: {
+                    "image_shape": list(model.torch_pipeline.image_shape(1)[1:]),
+                    "num_train_timesteps": model.num_train_timesteps,
+                    "variance_type": model.variance_type,
+                    "onnxruntime": model.onnx_problem or "available",
+                }
+                for name, model in self.models.items()
+            },
+            "backends": self.backends,
+            "samplers": list(SAMPLERS),
+            "variance_types": list(VARIANCE_TYPES),
+            "limits": {"max_images": self.max_images, "max_steps": self.max_steps, "max_seed": MAX_SEED},
+            "defaults": asdict(GenerationRequest(self.model_names[0], backend=self.backends[0])),
+        }
+
+
+def display_scale(size: int, pixels: int) -> int:
+    """The whole factor that brings `size` pixels to at least `pixels` (Gradio would smooth a small image)."""
+    return max(1, math.ceil(pixels / size))
+
+
+def gallery_images(images: np.ndarray) -> list[Image.Image]:
+    """Each image upscaled by nearest neighbour so its pixels stay crisp in the gallery."""
+    scale = display_scale(images.shape[1], GALLERY_PIXELS)
+    return [make_grid(image[None], padding=0, scale=scale) for image in images]
+
+
+def progression_picture(generation: Generation) -> Image.Image:
+    """The denoising progression (paper Fig. 6): for each of the first `PROGRESSION_IMAGES` images a row of
+    x_t and a row of the predicted x_0, one column per snapshot from t = T (left) to t = 0 (right)."""
+    num_snapshots, num_images = generation.x_t.shape[:2]
+    rows = [
+        row for j in range(min(num_images, PROGRESSION_IMAGES))
+        for row in (generation.x_t[:, j], generation.pred_original_sample[:, j])
+    ]
+    tiles = np.concatenate(rows)  # (2 * images * snapshots, H, W, C), row-major
+    return make_grid(tiles, nrow=num_snapshots, scale=display_scale(tiles.shape[1], PROGRESSION_PIXELS))
