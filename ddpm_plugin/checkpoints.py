@@ -1,0 +1,247 @@
+"""Training checkpoints that lose nothing and load nothing unsafe.
+
+A checkpoint is a folder `checkpoint-<step>` holding:
+
+| file | contents |
+|---|---|
+| `model.safetensors` | the network's weights |
+| `ema.safetensors` | the EMA weights (same keys) |
+| `optimizer.safetensors` + `optimizer.json` | Adam's moment tensors; its hyper-parameters and any non-tensor state |
+| `rng.safetensors` | torch (and CUDA) generator states of every process |
+| `trainer_state.json` | step, data position, learning-rate schedule, python/NumPy RNG states of every process, config |
+| `manifest.json` | SHA-256 of each file above, written last |
+
+Tensors go to safetensors and everything else to JSON, so resuming unpickles nothing. The folder is written under
+a temporary name and renamed into place (`os.replace`) only when complete, so a kill mid-write leaves the
+previous checkpoint intact; the manifest catches a checkpoint damaged later (truncated or altered files), and
+`load_latest_checkpoint` then falls back to the one before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TEMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint folder is incomplete or its files do not match its manifest."""
+
+
+@dataclass
+class Checkpoint:
+    """The loaded contents of a checkpoint folder."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # a `torch.optim.Optimizer.state_dict()`
+    rng_states: list[dict[str, Any]]  # one per process, as `capture_rng_state` returns them
+    trainer_state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer_state["step"])
+
+
+# --- RNG states. ---
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's python, NumPy, torch and CUDA generator states."""
+    numpy_state = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    return {
+        "python": [version, list(python_state), gauss_next],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, python_state, gauss_next = state["python"]
+    random.setstate((version, tuple(python_state), gauss_next))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- Optimizer state as tensors + JSON. ---
+
+
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- Writing. ---
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as file:
+        json.dump(value, file, indent=1)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    step: int,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    trainer_state: dict[str, Any],
+    total_limit: int | None = None,
+) -> Path:
+    """Write `directory/checkpoint-<step>` atomically; then keep only the newest `total_limit` checkpoints.
+
+    Call it on the main process only. `rng_states` holds one `capture_rng_state()` per process.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"checkpoint-{step:08d}"
+    temp = directory / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+
+    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer)
+    rng_tensors = {f"{rank}.torch": s["torch"] for rank, s in enumerate(rng_states)}
+    rng_tensors.update({f"{rank}.cuda.{d}": c for rank, s in enumerate(rng_states) for d, c in enumerate(s["cuda"])})
+    save_file({k: v.contiguous() for k, v in model.items()}, temp / "model.safetensors")
+    save_file(ema, temp / "ema.safetensors")
+    save_file(optimizer_tensors, temp / "optimizer.safetensors")
+    save_file(rng_tensors, temp / "rng.safetensors")
+    _write_json(temp / "optimizer.json", optimizer_meta)
+    python_numpy = [{"python": s["python"], "numpy": s["numpy"], "num_cuda": len(s["cuda"])} for s in rng_states]
+    _write_json(temp / "trainer_state.json", {**trainer_state, "step": step, "rng": python_numpy})
+    files = sorted(p.name for p in temp.iterdir())
+    for name in files:
+        _fsync(temp / name)
+    _write_json(temp / MANIFEST, {name: _sha256(temp / name) for name in files})
+    _fsync(temp / MANIFEST)
+
+    if final.exists():  # re-saving a step: move the old one aside first (rename cannot replace a full folder)
+        stale = directory / f"{TEMP_PREFIX}stale-{final.name}-{os.getpid()}"
+        os.replace(final, stale)
+        shutil.rmtree(stale)
+    os.replace(temp, final)
+    _fsync(directory)
+
+    if total_limit is not None:
+        for old in list_checkpoints(directory)[:-total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+# --- Reading. ---
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders in `directory`, oldest first (half-written temporary folders are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load and verify one checkpoint folder; raises `CorruptCheckpointError` saying what is wrong."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"{path}: missing or unreadable {MANIFEST} ({error}).") from error
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            raise CorruptCheckpointError(f"{path}: {name} is missing.")
+        if _sha256(file) != expected:
+            raise CorruptCheckpointError(f"{path}: {name} does not match its checksum (truncated or altered).")
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        optimizer_meta = json.loads((path / "optimizer.json").read_text())
+        rng_tensors = load_file(path / "rng.safetensors")
+        rng_states = [
+            {
+                "python": entry["python"],
+                "numpy": entry["numpy"],
+                "torch": rng_tensors[f"{rank}.torch"],
+                "cuda": [rng_tensors[f"{rank}.cuda.{d}"] for d in range(entry["num_cuda"])],
+            }
+            for rank, entry in enumerate(trainer_state["rng"])
+        ]
+        return Checkpoint(
+            path=path,
+            model=load_file(path / "model.safetensors"),
+            ema=load_file(path / "ema.safetensors"),
+            optimizer=_join_optimizer_state(load_file(path / "optimizer.safetensors"), optimizer_meta),
+            rng_states=rng_states,
+            trainer_state=trainer_state,
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise CorruptCheckpointError(f"{path}: cannot be read ({type(error).__name__}: {error}).") from error
+
+
+def load_latest_checkpoint(directory: str | os.PathLike) -> Checkpoint | None:
+    """The newest checkpoint in `directory` that verifies, warning about each newer one that does not.
+
+    Returns None when `directory` holds no checkpoint; raises `CorruptCheckpointError` when none verifies.
+    """
+    candidates = list_checkpoints(directory)
+    for path in reversed(candidates):
+        try:
+            return load_checkpoint(path)
+        except CorruptCheckpointError as error:
+            warnings.warn(f"skipping a damaged checkpoint: {error} Falling back to the previous one.", stacklevel=2)
+    if candidates:
+        raise CorruptCheckpointError(f"{directory}: none of the {len(candidates)} checkpoints is usable.")
+    return None

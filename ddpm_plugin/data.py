@@ -1,0 +1,245 @@
+"""Training images: scikit-learn's digits, a folder of images, an `.npz` with an `images` array, or a Hugging Face
+`datasets` name or local path.
+
+Every source yields uint8 tensors `[C, H, W]`; `to_model_range` maps them to [-1, 1] as x / 127.5 - 1 (the
+official code's scaling). Everything is checked before training starts, and a bad item is reported with the
+file (or dataset row) it came from, so a run never dies hours in on one broken image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture")
+# PIL modes we accept, and the channel count each gives ("P" palettes are expanded to RGB).
+MODE_CHANNELS = {"1": 1, "L": 1, "P": 3, "RGB": 3}
+
+
+class ImageDataset(Protocol):
+    """What the training loop needs: a length and uint8 `[C, H, W]` tensors by index."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+
+class TensorImageDataset:
+    """Images held in memory as one uint8 tensor `[N, C, H, W]`."""
+
+    def __init__(self, images: torch.Tensor, source: str):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"{source}: expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}.")
+        self.images, self.source = images, source
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class ImageFolderDataset:
+    """Image files under a folder (recursively), decoded on access; their headers are checked up front."""
+
+    def __init__(self, files: list[Path], channels: int, pad: int):
+        self.files, self.channels, self.pad = files, channels, pad
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as image:
+            return _pil_to_tensor(image, self.channels, self.pad)
+
+
+class HFImageDataset:
+    """One image column of a Hugging Face `datasets.Dataset`, decoded on access."""
+
+    def __init__(self, dataset: Any, column: str, channels: int, pad: int):
+        self.dataset, self.column, self.channels, self.pad = dataset, column, channels, pad
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return _pil_to_tensor(self.dataset[int(index)][self.column], self.channels, self.pad)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels {0..255} to float32 in [-1, 1]: x / 127.5 - 1."""
+    return images.float() / 127.5 - 1.0
+
+
+def load_image_dataset(dataset: str, image_size: int, channels: int) -> ImageDataset:
+    """The training images named by `dataset`, checked against the preset's `image_size` and `channels`.
+
+    Args:
+        dataset (`str`):
+            `"digits"` (scikit-learn's bundled 8x8 digits, 0..16 scaled to 0..255), `"mnist"` (the `.npz` files
+            in `$DDPM_MNIST_DIR`, default `../shared/data/mnist`), a folder of images, an `.npz` file with a
+            uint8 `images` array (`[N, H, W]` or `[N, H, W, C]`), or a Hugging Face `datasets` name or local
+            dataset path (the image column is found automatically).
+        image_size (`int`):
+            Side of the square images the model takes. Images smaller by an even margin (MNIST's 28 for 32)
+            are zero-padded around; other sizes are an error.
+        channels (`int`):
+            1 (grayscale) or 3 (RGB).
+
+    Raises:
+        `ValueError` or `FileNotFoundError` naming the offending file or row: an empty folder, an unreadable
+        file, a wrong channel count, mixed or wrong sizes.
+    """
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # [N, 8, 8], 0..16 -> 0..255
+        return _array_dataset(images, "sklearn digits", image_size, channels)
+    if dataset == "mnist":
+        folder = Path(os.environ.get("DDPM_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+        return load_image_dataset(str(folder / "mnist_train.npz"), image_size, channels)
+    path = Path(dataset)
+    if path.suffix == ".npz":
+        return _npz_dataset(path, image_size, channels)
+    if path.is_dir() and not _is_saved_hf_dataset(path) and not _has_table_files(path):
+        return _folder_dataset(path, image_size, channels)
+    return _hf_dataset(dataset, image_size, channels)
+
+
+def _padding(height: int, width: int, image_size: int, source: str) -> int:
+    """The zero padding on each side that brings `height` x `width` to `image_size`, or a ValueError."""
+    margin = image_size - height
+    if height != width or margin < 0 or margin % 2:
+        raise ValueError(f"{source}: images are {height}x{width}, the preset needs {image_size}x{image_size}.")
+    return margin // 2
+
+
+def _array_dataset(images: np.ndarray, source: str, image_size: int, channels: int) -> TensorImageDataset:
+    if images.dtype != np.uint8:
+        raise ValueError(f"{source}: `images` must be uint8 pixels 0..255, got {images.dtype}.")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"{source}: `images` must be a non-empty [N, H, W] or [N, H, W, C] array, got {images.shape}.")
+    if images.shape[-1] != channels:
+        raise ValueError(f"{source}: images have {images.shape[-1]} channels, the preset needs {channels}.")
+    pad = _padding(images.shape[1], images.shape[2], image_size, source)
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    tensor = torch.nn.functional.pad(tensor, (pad,) * 4).contiguous()
+    return TensorImageDataset(tensor, source)
+
+
+def _npz_dataset(path: Path, image_size: int, channels: int) -> TensorImageDataset:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such .npz file.")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive.files:
+                raise ValueError(f"{path}: no `images` array (it has {archive.files}).")
+            images = archive["images"]
+    except ValueError:
+        raise
+    except Exception as error:  # zipfile.BadZipFile, EOFError, OSError: a damaged archive
+        raise ValueError(f"{path}: unreadable .npz file ({error}).") from error
+    return _array_dataset(images, str(path), image_size, channels)
+
+
+def _folder_dataset(folder: Path, image_size: int, channels: int) -> ImageFolderDataset:
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder.")
+    first_size = None
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image.verify()  # reads the whole file and checks it, without decoding pixels
+                size, mode = image.size, image.mode
+        except Exception as error:
+            raise ValueError(f"{file}: unreadable image ({error}).") from error
+        _check_mode(mode, channels, str(file))
+        first_size = first_size or (size, file)
+        if size != first_size[0]:
+            raise ValueError(f"{file}: image is {size[0]}x{size[1]} but {first_size[1]} is {first_size[0][0]}x{first_size[0][1]}; "
+                             "all images must have one size.")
+    width, height = first_size[0]
+    return ImageFolderDataset(files, channels, _padding(height, width, image_size, str(first_size[1])))
+
+
+def _is_saved_hf_dataset(path: Path) -> bool:
+    """A folder written by `datasets.Dataset.save_to_disk`."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _has_table_files(path: Path) -> bool:
+    """A local copy of a Hub dataset repository (parquet/arrow files) rather than a folder of images."""
+    return any(path.rglob("*.parquet")) or any(path.rglob("*.arrow"))
+
+
+def _hf_dataset(name: str, image_size: int, channels: int) -> HFImageDataset:
+    try:
+        import datasets
+    except ImportError as error:
+        raise ValueError(f"{name!r} is not digits, mnist, a folder or an .npz file; Hugging Face datasets need "
+                         "`pip install ddpm-plugin[datasets]`.") from error
+    path = Path(name)
+    if path.is_dir() and _is_saved_hf_dataset(path):
+        loaded = datasets.load_from_disk(str(path))
+    elif path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: not a folder, an .npz file or a saved dataset.")
+    else:
+        try:
+            loaded = datasets.load_dataset(name, split="train")
+        except Exception as error:
+            raise ValueError(f"{name!r}: not a local folder/.npz and `datasets.load_dataset` failed: {error}") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ValueError(f"{name}: the dataset has no 'train' split (splits: {list(loaded)}).")
+        loaded = loaded["train"]
+    column = find_image_column(loaded.features, name)
+    if len(loaded) == 0:
+        raise ValueError(f"{name}: the dataset is empty.")
+    first_size = None
+    for row in range(len(loaded)):  # headers only: `datasets` decodes Image features lazily with PIL
+        image = loaded[row][column]
+        _check_mode(image.mode, channels, f"{name} row {row}")
+        first_size = first_size or image.size
+        if image.size != first_size:
+            raise ValueError(f"{name} row {row}: image is {image.size}, row 0 is {first_size}; all images must have one size.")
+    pad = _padding(first_size[1], first_size[0], image_size, name)
+    return HFImageDataset(loaded, column, channels, pad)
+
+
+def find_image_column(features: Any, source: str) -> str:
+    """The dataset column holding images: the first `datasets.Image` feature, else a conventionally named one."""
+    import datasets
+
+    for column, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            return column
+    for column in IMAGE_COLUMN_NAMES:
+        if column in features:
+            return column
+    raise ValueError(f"{source}: no image column (columns: {list(features)}).")
+
+
+def _check_mode(mode: str, channels: int, source: str) -> None:
+    if mode not in MODE_CHANNELS:
+        raise ValueError(f"{source}: unsupported image mode {mode!r} (supported: {sorted(MODE_CHANNELS)}).")
+    if MODE_CHANNELS[mode] != channels:
+        raise ValueError(f"{source}: image has {MODE_CHANNELS[mode]} channel(s) ({mode}), the preset needs {channels}.")
+
+
+def _pil_to_tensor(image: Any, channels: int, pad: int) -> torch.Tensor:
+    image = image.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, channels)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return torch.nn.functional.pad(tensor, (pad,) * 4)
