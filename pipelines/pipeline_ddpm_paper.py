@@ -24,7 +24,16 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
 
+from .diffusion_ops import q_sample
 from .gaussian_diffusion import GaussianDiffusion
+from .variational_bound import (
+    check_variance_type,
+    cumulative_rate_bpd,
+    distortion_rmse,
+    mean_flat,
+    prior_bpd,
+    vb_terms_bpd,
+)
 
 CUSTOM_PIPELINE_NAME = Path(__file__).stem
 STOCK_PIPELINE_CLASS = "DDPMPipeline"
@@ -52,12 +61,87 @@ class ProgressiveGenerationOutput(BaseOutput):
     timesteps: list[int]
 
 
-def stock_diffusers_class(component: Any) -> tuple[str, str]:
-    """The `("diffusers", name)` entry of the nearest stock diffusers class of a pipeline component."""
-    for klass in type(component).__mro__:
-        if klass.__module__.split(".")[0] == "diffusers":
-            return ("diffusers", klass.__name__)
-    raise ValueError(f"{type(component).__name__} derives from no diffusers class and cannot be saved loadably.")
+@dataclass
+class BitsPerDimOutput(BaseOutput):
+    """Output of [`DDPMPaperPipeline.bits_per_dim`]: the variational bound (paper Eq. 5) and its breakdown.
+
+    Args:
+        total_bpd (`np.ndarray` of shape `(num_images,)`):
+            The bound -log p(x_0) <= L in bits/dim: `terms_bpd.sum(1) + prior_bpd`.
+        terms_bpd (`np.ndarray` of shape `(num_images, num_train_timesteps)`):
+            Column t > 0 is the KL term at t, column 0 the decoder term L_0, in bits/dim.
+        prior_bpd (`np.ndarray` of shape `(num_images,)`):
+            L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim.
+        decoder_bpd (`np.ndarray` of shape `(num_images,)`):
+            L_0 = -log p(x_0 | x_1) in bits/dim (`terms_bpd[:, 0]`): the distortion of Table 4.
+        rate_bpd (`np.ndarray` of shape `(num_images,)`):
+            L_T + L_{T-1} + ... + L_1 in bits/dim: the rate of Table 4 (`total_bpd = rate_bpd + decoder_bpd`).
+        x_start_mse (`np.ndarray` of shape `(num_images, num_train_timesteps)`):
+            Mean squared error of the clipped x_0 prediction from x_t, on the [-1, 1] scale.
+        cumulative_rate_bpd (`np.ndarray` of shape `(num_train_timesteps,)`):
+            Mean over images of the rate received from T down to t (paper Fig. 5, middle).
+        distortion_rmse (`np.ndarray` of shape `(num_train_timesteps,)`):
+            RMSE of the x_0 prediction from x_t on the 0..255 scale, over all images (paper Fig. 5, left).
+    """
+
+    total_bpd: np.ndarray
+    terms_bpd: np.ndarray
+    prior_bpd: np.ndarray
+    decoder_bpd: np.ndarray
+    rate_bpd: np.ndarray
+    x_start_mse: np.ndarray
+    cumulative_rate_bpd: np.ndarray
+    distortion_rmse: np.ndarray
+
+
+@dataclass
+class RateDistortionOutput(BaseOutput):
+    """Output of [`DDPMPaperPipeline.rate_distortion`] (paper Fig. 5 and Table 4), averaged over the images.
+
+    Args:
+        timesteps (`np.ndarray` of shape `(num_train_timesteps,)`): t = 0..T-1.
+        rate_bpd (`np.ndarray` of shape `(num_train_timesteps,)`): Rate received from T down to t, bits/dim.
+        distortion_rmse (`np.ndarray` of shape `(num_train_timesteps,)`): RMSE of x_0 from x_t, 0..255 scale.
+        total_rate_bpd (`float`): L_T + ... + L_1, bits/dim (paper CIFAR-10: 1.78).
+        total_distortion_bpd (`float`): L_0, bits/dim (paper CIFAR-10: 1.97).
+    """
+
+    timesteps: np.ndarray
+    rate_bpd: np.ndarray
+    distortion_rmse: np.ndarray
+    total_rate_bpd: float
+    total_distortion_bpd: float
+
+
+@dataclass
+class ReconstructionOutput(BaseOutput):
+    """Output of [`DDPMPaperPipeline.reconstruct`] (paper Fig. 7).
+
+    Args:
+        x_t (`np.ndarray` of shape `(num_images, height, width, channels)`): The shared x_t, in [0, 1] (clipped).
+        images (`np.ndarray` of shape `(num_images, num_samples, height, width, channels)`):
+            Samples of p_theta(x_0 | x_t), in [0, 1].
+        timestep (`int`): The step t that x_t was drawn at.
+    """
+
+    x_t: np.ndarray
+    images: np.ndarray
+    timestep: int
+
+
+@dataclass
+class InterpolationOutput(BaseOutput):
+    """Output of [`DDPMPaperPipeline.interpolate`] (paper Fig. 8-9).
+
+    Args:
+        images (`np.ndarray` of shape `(num_lambdas, height, width, channels)`): The decoded interpolants, in [0, 1].
+        lambdas (`np.ndarray` of shape `(num_lambdas,)`): The mixing weights, 0 = first image.
+        timestep (`int`): The step t the interpolation happens at.
+    """
+
+    images: np.ndarray
+    lambdas: np.ndarray
+    timestep: int
 
 
 class DDPMPaperPipeline(DDPMPipeline):
@@ -92,7 +176,7 @@ class DDPMPaperPipeline(DDPMPipeline):
     ) -> None:
         """Save weights (safetensors), configs, a stock `model_index.json`, and this pipeline's source files.
 
-        `model_index.json` names stock diffusers classes so that `DiffusionPipeline.from_pretrained` needs no
+        `model_index.json` names the stock `DDPMPipeline` so that `DiffusionPipeline.from_pretrained` needs no
         remote code; `pipeline_ddpm_paper.py` and the files it imports sit in the folder's root for
         `custom_pipeline="pipeline_ddpm_paper", trust_remote_code=True`.
         """
@@ -104,8 +188,6 @@ class DDPMPaperPipeline(DDPMPipeline):
         index_path = Path(save_directory) / "model_index.json"
         model_index = json.loads(index_path.read_text())
         model_index["_class_name"] = STOCK_PIPELINE_CLASS
-        for name in self.components:
-            model_index[name] = list(stock_diffusers_class(getattr(self, name)))
         index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
         for source in [__file__, *get_relative_import_files(__file__)]:
             shutil.copyfile(source, Path(save_directory) / Path(source).name)
@@ -297,3 +379,224 @@ class DDPMPaperPipeline(DDPMPipeline):
         return ProgressiveGenerationOutput(
             images=images, x_t=np.stack(x_t), pred_original_sample=np.stack(pred_x0), timesteps=timesteps
         )
+
+    def preprocess(self, images: np.ndarray | torch.Tensor | list) -> torch.Tensor:
+        """8-bit images (`uint8` NHWC or NHW array or tensor, or a list of PIL images) as x_0 = x / 127.5 - 1,
+        NCHW float32 on the execution device. Float images are refused: the bound is for discrete data."""
+        if isinstance(images, list):
+            images = np.stack([np.asarray(image) for image in images])
+        images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+        if images.dtype != torch.uint8:
+            raise ValueError(f"`images` must be 8-bit (uint8, 0..255, NHWC), got dtype {images.dtype}.")
+        if images.ndim == 3:
+            images = images[..., None]
+        expected = self.image_shape(images.shape[0])
+        if images.ndim != 4 or tuple(images.shape[1:]) != (expected[2], expected[3], expected[1]):
+            raise ValueError(
+                f"`images` must have shape (N, {expected[2]}, {expected[3]}, {expected[1]}) for this model, "
+                f"got {tuple(images.shape)}."
+            )
+        return (images.permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(self._execution_device)
+
+    @torch.no_grad()
+    def bits_per_dim(
+        self,
+        images: np.ndarray | torch.Tensor | list,
+        batch_size: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> BitsPerDimOutput:
+        r"""
+        The negative log-likelihood bound of 8-bit images in bits/dim (paper Eq. 5, Table 2), with its breakdown.
+
+        Each image is noised at all T steps; every UNet pass evaluates `batch_size` (image, t) pairs, so a
+        batch of images costs one pass per t, and fewer images share a pass across several t. The x_t are drawn
+        from `generator`, so the estimate is a single-sample Monte Carlo estimate per term, as in the paper.
+
+        Args:
+            images (`np.ndarray`, `torch.Tensor` or `list[PIL.Image]`):
+                uint8 images (N, H, W, C) or (N, H, W), mapped to [-1, 1] without dequantisation.
+            batch_size (`int`, *optional*, defaults to 64): UNet inputs per pass.
+            generator (`torch.Generator`, *optional*): Makes the noise, hence the estimate, deterministic.
+
+        Example:
+
+        ```py
+        >>> bpd = pipe.bits_per_dim(test_images[:100], batch_size=100, generator=torch.manual_seed(0))
+        >>> bpd.total_bpd.mean(), bpd.rate_bpd.mean(), bpd.decoder_bpd.mean()
+        ```
+
+        Returns:
+            [`BitsPerDimOutput`]: per-image totals and per-t terms, the prior and decoder terms, and the
+            rate-distortion curve.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if isinstance(generator, list):
+            raise ValueError("`generator` must be a single `torch.Generator` for `bits_per_dim`.")
+        variance_type = check_variance_type(self.scheduler.config.get("variance_type"))
+        diffusion, device = self.diffusion, self._execution_device
+        x_start_all = self.preprocess(images)
+        num_images, num_timesteps = x_start_all.shape[0], diffusion.num_timesteps
+        terms_bpd = np.zeros((num_images, num_timesteps))
+        x_start_mse = np.zeros((num_images, num_timesteps))
+        prior = np.zeros(num_images)
+        images_per_pass = min(num_images, batch_size)
+        timesteps_per_pass = max(1, batch_size // images_per_pass)
+        num_passes = -(-num_images // images_per_pass) * -(-num_timesteps // timesteps_per_pass)
+
+        with self.progress_bar(total=num_passes) as progress_bar:
+            for start in range(0, num_images, images_per_pass):
+                x_start = x_start_all[start : start + images_per_pass]
+                stop = start + x_start.shape[0]
+                prior[start:stop] = prior_bpd(diffusion, x_start.double()).cpu().numpy()
+                for t_stop in range(num_timesteps, 0, -timesteps_per_pass):
+                    # 1. (image, t) pairs of this pass, t-major: [k * n] with k timesteps and n images.
+                    timesteps = torch.arange(max(t_stop - timesteps_per_pass, 0), t_stop, device=device)
+                    t = timesteps.repeat_interleave(x_start.shape[0])
+                    x_start_kn = x_start.repeat(timesteps.shape[0], 1, 1, 1)
+                    # 2. x_t ~ q(x_t | x_0) (Eq. 4) and eps_theta(x_t, t).
+                    noise = randn_tensor(x_start_kn.shape, generator=generator, device=device, dtype=torch.float32)
+                    x_t = q_sample(diffusion, x_start_kn, t, noise)
+                    model_output = self.unet(x_t.to(self.unet.dtype), t).sample
+                    # 3. L_t (KL to the posterior, or the decoder at t = 0) and the x_0 error.
+                    term_bpd, pred_x_start = vb_terms_bpd(
+                        diffusion, variance_type, model_output=model_output, x_start=x_start_kn, x_t=x_t, t=t
+                    )
+                    mse = mean_flat((pred_x_start - x_start_kn.double()) ** 2)
+                    columns = timesteps.cpu().numpy()
+                    terms_bpd[start:stop, columns] = term_bpd.reshape(len(columns), -1).T.cpu().numpy()
+                    x_start_mse[start:stop, columns] = mse.reshape(len(columns), -1).T.cpu().numpy()
+                    progress_bar.update()
+
+        return BitsPerDimOutput(
+            total_bpd=terms_bpd.sum(axis=1) + prior,
+            terms_bpd=terms_bpd,
+            prior_bpd=prior,
+            decoder_bpd=terms_bpd[:, 0].copy(),
+            rate_bpd=terms_bpd[:, 1:].sum(axis=1) + prior,
+            x_start_mse=x_start_mse,
+            cumulative_rate_bpd=cumulative_rate_bpd(terms_bpd, prior).mean(axis=0),
+            distortion_rmse=distortion_rmse(x_start_mse),
+        )
+
+    def rate_distortion(
+        self,
+        images: np.ndarray | torch.Tensor | list,
+        batch_size: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> RateDistortionOutput:
+        r"""
+        The rate-distortion curve of 8-bit images (paper Fig. 5, Table 4), from one [`~DDPMPaperPipeline.bits_per_dim`] pass.
+
+        Args:
+            images (`np.ndarray`, `torch.Tensor` or `list[PIL.Image]`): uint8 images, as for `bits_per_dim`.
+            batch_size (`int`, *optional*, defaults to 64): UNet inputs per pass.
+            generator (`torch.Generator`, *optional*): Makes the estimate deterministic.
+
+        Returns:
+            [`RateDistortionOutput`]: rate (bits/dim) and distortion (RMSE, 0..255) at each t, and the totals.
+        """
+        bound = self.bits_per_dim(images, batch_size=batch_size, generator=generator)
+        return RateDistortionOutput(
+            timesteps=np.arange(bound.terms_bpd.shape[1]),
+            rate_bpd=bound.cumulative_rate_bpd,
+            distortion_rmse=bound.distortion_rmse,
+            total_rate_bpd=float(bound.rate_bpd.mean()),
+            total_distortion_bpd=float(bound.decoder_bpd.mean()),
+        )
+
+    def check_timestep(self, timestep: int) -> int:
+        num_timesteps = self.scheduler.config.num_train_timesteps
+        if not isinstance(timestep, (int, np.integer)) or not 0 <= timestep < num_timesteps:
+            raise ValueError(f"`timestep` must be an integer in 0..{num_timesteps - 1}, got {timestep!r}.")
+        return int(timestep)
+
+    def denoise_from(
+        self, x_t: torch.Tensor, timestep: int, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Run the scheduler's reverse process from x_t at `timestep` down to x_0 (Algorithm 2 from step t)."""
+        self.scheduler.set_timesteps(self.scheduler.config.num_train_timesteps)
+        latents = x_t.to(self.unet.dtype)
+        for t in self.progress_bar(self.scheduler.timesteps[self.scheduler.timesteps <= timestep]):
+            model_output = self.unet(latents, t).sample
+            latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        images: np.ndarray | torch.Tensor | list,
+        timestep: int = 500,
+        num_samples: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> ReconstructionOutput:
+        r"""
+        Samples of p_theta(x_0 | x_t) that share one x_t ~ q(x_t | x_0) per image (paper Fig. 7): the larger t,
+        the less of x_0 survives beyond its coarse attributes.
+
+        Args:
+            images (`np.ndarray`, `torch.Tensor` or `list[PIL.Image]`): uint8 images x_0 (N, H, W, C).
+            timestep (`int`, *optional*, defaults to 500): The step t in 0..T-1 to noise to and denoise from.
+            num_samples (`int`, *optional*, defaults to 4): Samples of x_0 per shared x_t.
+            generator (`torch.Generator`, *optional*): Makes the noise deterministic.
+
+        Returns:
+            [`ReconstructionOutput`]: the shared x_t and `num_samples` reconstructions per image, NHWC in [0, 1].
+        """
+        timestep = self.check_timestep(timestep)
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        x_start = self.preprocess(images)
+        t = torch.full((x_start.shape[0],), timestep, device=x_start.device)
+        noise = randn_tensor(x_start.shape, generator=generator, device=x_start.device, dtype=torch.float32)
+        x_t = q_sample(self.diffusion, x_start, t, noise)
+        samples = self.denoise_from(x_t.repeat_interleave(num_samples, dim=0), timestep, generator)
+        images_out = self.postprocess(samples, "np")
+        return ReconstructionOutput(
+            x_t=self.postprocess(x_t, "np"),
+            images=images_out.reshape(x_start.shape[0], num_samples, *images_out.shape[1:]),
+            timestep=timestep,
+        )
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        image_a: np.ndarray | torch.Tensor,
+        image_b: np.ndarray | torch.Tensor,
+        timestep: int = 500,
+        lambdas: np.ndarray | list[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> InterpolationOutput:
+        r"""
+        Interpolate two images in the latent x_t (paper Fig. 8-9): x_t and x'_t are drawn with the same noise,
+        mixed as (1 - lambda) x_t + lambda x'_t, and decoded with the same reverse-process noise for every lambda.
+
+        Args:
+            image_a (`np.ndarray` or `torch.Tensor`): A uint8 image (H, W, C) or (H, W), lambda = 0.
+            image_b (`np.ndarray` or `torch.Tensor`): A uint8 image of the same shape, lambda = 1.
+            timestep (`int`, *optional*, defaults to 500): The step t in 0..T-1 to interpolate at.
+            lambdas (`list[float]`, *optional*): Mixing weights in [0, 1]; 11 evenly spaced by default.
+            generator (`torch.Generator`, *optional*): Makes the noise deterministic.
+
+        Returns:
+            [`InterpolationOutput`]: one decoded image per lambda, NHWC in [0, 1].
+        """
+        timestep = self.check_timestep(timestep)
+        lambdas = np.linspace(0.0, 1.0, 11) if lambdas is None else np.asarray(lambdas, dtype=np.float64)
+        if lambdas.ndim != 1 or lambdas.size < 1 or lambdas.min() < 0 or lambdas.max() > 1:
+            raise ValueError(f"`lambdas` must be a non-empty list of values in [0, 1], got {lambdas.tolist()!r}.")
+        if isinstance(generator, list):
+            raise ValueError("`generator` must be a single `torch.Generator` for `interpolate`.")
+        x_start = self.preprocess(torch.stack([torch.as_tensor(np.asarray(image_a)), torch.as_tensor(np.asarray(image_b))]))
+        device = x_start.device
+        # 1. x_t and x'_t from the same noise (Eq. 4).
+        noise = randn_tensor((1, *x_start.shape[1:]), generator=generator, device=device, dtype=torch.float32)
+        x_t = q_sample(self.diffusion, x_start, torch.full((2,), timestep, device=device), noise.expand_as(x_start))
+        # 2. The mixed latents, one per lambda.
+        weight = torch.as_tensor(lambdas, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1)
+        latents = (1.0 - weight) * x_t[:1] + weight * x_t[1:]
+        # 3. Decode every lambda with the same reverse-process noise: one identically seeded generator each.
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(len(lambdas))]
+        images = self.postprocess(self.denoise_from(latents, timestep, generators), "np")
+        return InterpolationOutput(images=images, lambdas=lambdas, timestep=timestep)

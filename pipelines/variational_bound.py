@@ -1,0 +1,144 @@
+"""The variational bound of Ho et al. (2020), Eq. 5, in bits per dimension, as the official evaluation computes it.
+
+    L = L_T + sum_{t>1} L_{t-1} + L_0
+      = KL(q(x_T|x_0) || N(0, I)) + sum_t KL(q(x_{t-1}|x_t, x_0) || p_theta(x_{t-1}|x_t)) - log p_theta(x_0|x_1)
+
+Every term is averaged over the dimensions of an image and divided by ln 2 where it is computed. The model's
+x_0 prediction is clipped to [-1, 1] (as when sampling), the decoder L_0 is a Gaussian discretized into the
+256 bins of 8-bit data (Sec. 3.3), and the schedule coefficients are the float64 arrays of `GaussianDiffusion`.
+The math here runs in float64 after the network; only the network itself runs in float32.
+
+Index convention (as `GaussianDiffusion`): t = 0..T-1 is paper step t+1, so t = 0 is the decoder term L_0.
+This file imports only NumPy, torch and its siblings: it is copied beside a saved pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .diffusion_ops import extract
+from .gaussian_diffusion import GaussianDiffusion
+
+# Half the width of one of the 256 bins of 8-bit data mapped to [-1, 1].
+BIN_HALF_WIDTH = 1.0 / 255.0
+# Floor inside the logarithms of the decoder, as the official code.
+LOG_FLOOR = 1e-12
+BOUND_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """The mean over every dimension but the first: [B, ...] -> [B]."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (arguments broadcast)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x) by the tanh approximation the official code uses (so the reference values match it)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log p(x) in nats, elementwise, of 8-bit data x in [-1, 1] under N(means, exp(log_scales)^2) integrated
+    over each pixel's bin of width 2/255 (paper Eq. 13); the edge bins extend to -inf below -1 and +inf above 1.
+    """
+    assert x.shape == means.shape, f"x {tuple(x.shape)} and means {tuple(means.shape)} differ"
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + BIN_HALF_WIDTH))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - BIN_HALF_WIDTH))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=LOG_FLOOR))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=LOG_FLOOR))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=LOG_FLOOR))
+    log_probs = torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    )
+    assert log_probs.shape == x.shape
+    return log_probs
+
+
+def check_variance_type(variance_type: str | None) -> str:
+    if variance_type not in BOUND_VARIANCE_TYPES:
+        raise ValueError(
+            f"the bound needs a fixed reverse-process variance: scheduler `variance_type` must be one of "
+            f"{list(BOUND_VARIANCE_TYPES)}, got {variance_type!r}."
+        )
+    return variance_type
+
+
+def prior_bpd(diffusion: GaussianDiffusion, x_start: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, per image [B]. Tiny (about 1e-5) for the paper's schedule."""
+    t = torch.full((x_start.shape[0],), diffusion.num_timesteps - 1, dtype=torch.long, device=x_start.device)
+    mean = extract(diffusion.sqrt_alphas_cumprod, t, x_start.shape, torch.float64) * x_start
+    log_variance = extract(diffusion.log_one_minus_alphas_cumprod, t, x_start.shape, torch.float64)
+    zeros = torch.zeros_like(mean)
+    return mean_flat(normal_kl(mean, log_variance, zeros, zeros)) / math.log(2.0)
+
+
+def p_mean_log_variance(
+    diffusion: GaussianDiffusion, variance_type: str, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean and log variance of p_theta(x_{t-1} | x_t) and the clipped x_0 prediction, from eps_theta (Eq. 11)."""
+    shape = x_t.shape
+    eps = model_output.to(torch.float64)
+    # Eq. 4 solved for x_0, clipped to the data range as the sampler does.
+    pred_x_start = (
+        extract(diffusion.sqrt_recip_alphas_cumprod, t, shape, torch.float64) * x_t
+        - extract(diffusion.sqrt_recipm1_alphas_cumprod, t, shape, torch.float64) * eps
+    ).clamp(-1.0, 1.0)
+    model_mean = (
+        extract(diffusion.posterior_mean_coef1, t, shape, torch.float64) * pred_x_start
+        + extract(diffusion.posterior_mean_coef2, t, shape, torch.float64) * x_t
+    )
+    model_log_variance = extract(diffusion.model_log_variance(variance_type), t, shape, torch.float64)
+    return model_mean, model_log_variance, pred_x_start
+
+
+def vb_terms_bpd(
+    diffusion: GaussianDiffusion,
+    variance_type: str,
+    *,
+    model_output: torch.Tensor,
+    x_start: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bound's term at each example's t, in bits/dim [B], and the clipped x_0 prediction [B, C, H, W].
+
+    For t > 0: L_{t} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (Eq. 5); for t = 0 the decoder
+    L_0 = -log p_theta(x_0 | x_1), a discretized Gaussian with the model's t=0 variance.
+    """
+    assert x_start.shape == x_t.shape == model_output.shape and t.shape == x_start.shape[:1]
+    x_start, x_t = x_start.to(torch.float64), x_t.to(torch.float64)
+    shape = x_t.shape
+    true_mean = (
+        extract(diffusion.posterior_mean_coef1, t, shape, torch.float64) * x_start
+        + extract(diffusion.posterior_mean_coef2, t, shape, torch.float64) * x_t
+    )
+    true_log_variance = extract(diffusion.posterior_log_variance_clipped, t, shape, torch.float64)
+    model_mean, model_log_variance, pred_x_start = p_mean_log_variance(diffusion, variance_type, model_output, x_t, t)
+    kl_bpd = mean_flat(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / math.log(2.0)
+    decoder_nll_bpd = -mean_flat(
+        discretized_gaussian_log_likelihood(x_start, means=model_mean, log_scales=0.5 * model_log_variance)
+    ) / math.log(2.0)
+    return torch.where(t == 0, decoder_nll_bpd, kl_bpd), pred_x_start
+
+
+def cumulative_rate_bpd(terms_bpd: np.ndarray, prior_bpd: np.ndarray) -> np.ndarray:
+    """Rate received from T down to each t (paper Fig. 5): L_T + sum_{s >= max(t, 1)} L_s, per image [N, T].
+
+    The decoder term L_0 is distortion, not rate, so the curve ends at L_T + L_{T-1} + ... + L_1.
+    """
+    kl_terms = np.concatenate([np.zeros_like(terms_bpd[:, :1]), terms_bpd[:, 1:]], axis=1)
+    return prior_bpd[:, None] + np.cumsum(kl_terms[:, ::-1], axis=1)[:, ::-1]
+
+
+def distortion_rmse(x_start_mse: np.ndarray) -> np.ndarray:
+    """RMSE of the x_0 prediction against x_0 on the 0..255 scale, per t [T], from per-image MSEs on [-1, 1]."""
+    return np.sqrt(x_start_mse.mean(axis=0)) * 127.5
