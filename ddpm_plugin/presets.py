@@ -119,8 +119,12 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {name!r}.") from None
 
 
-class PaperUNet2DModel(UNet2DModel):
-    """`UNet2DModel` with the paper's presets. Saved configs name `UNet2DModel`, so stock diffusers loads them.
+class PaperUNet2DModel:
+    """Builds stock `UNet2DModel`s with the paper's presets.
+
+    `from_preset` returns a plain [`UNet2DModel`], not a subclass: saved configs, pipelines and
+    `model_index.json` then name only stock diffusers classes, so any diffusers installation loads them,
+    even a folder saved by the stock `DDPMPipeline`.
 
     Example:
 
@@ -132,13 +136,10 @@ class PaperUNet2DModel(UNet2DModel):
     ```
     """
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "PaperUNet2DModel":
-        """A freshly initialised network of preset `name`; `overrides` replace `UNet2DModel` arguments."""
-        return cls(**get_preset(name).unet_config(**overrides))
+    def __new__(cls, *args: Any, **kwargs: Any) -> UNet2DModel:
+        raise TypeError("build the network with `PaperUNet2DModel.from_preset(name, **overrides)`.")
 
-    def to_json_string(self) -> str:
-        # The subclass adds no weights or settings: record the stock class so any diffusers loads the folder.
-        return super().to_json_string().replace(
-            f'"_class_name": "{type(self).__name__}"', f'"_class_name": "{UNet2DModel.__name__}"', 1
-        )
+    @staticmethod
+    def from_preset(name: str, **overrides: Any) -> UNet2DModel:
+        """A freshly initialised network of preset `name`; `overrides` replace `UNet2DModel` arguments."""
+        return UNet2DModel(**get_preset(name).unet_config(**overrides))

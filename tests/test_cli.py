@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+from PIL import Image
+
+from ddpm_plugin.cli import main
+
+
+def test_info_prints_the_paper_parameter_counts(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "| cifar10 | 32x32x3 | 35,746,307 |" in out
+    assert "| celebahq | 256x256x3 | 113,673,219 |" in out
+    assert "diffusers: 0.42.1" in out
+
+
+def test_sample_writes_a_png_grid(tiny_pipeline_dir, tmp_path):
+    output = tmp_path / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_plugin.cli", "sample", "--model", str(tiny_pipeline_dir), "--num-images", "4",
+         "--steps", "10", "--seed", "3", "--scheduler", "ddim", "--scale", "2", "--output", str(output)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    grid = Image.open(output)
+    # 2x2 tiles of 8x8 with 1-pixel padding, upscaled twice.
+    assert grid.size == (2 * (2 * 9 + 1), 2 * (2 * 9 + 1))
+    assert "100%" in result.stderr  # the progress bar ran to the end
+
+
+def test_sample_rejects_bad_steps_and_missing_models(tiny_pipeline_dir, tmp_path, capsys):
+    assert main(["sample", "--model", str(tiny_pipeline_dir), "--steps", "0", "--output", str(tmp_path / "x.png")]) == 2
+    assert "num_inference_steps" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 2
+    assert "model_index.json" in capsys.readouterr().err
