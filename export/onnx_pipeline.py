@@ -1,0 +1,516 @@
+"""`OnnxDDPMPipeline`: the DDPM sampler (Ho et al. 2020, Algorithm 2) and DDIM on ONNX Runtime, without PyTorch.
+
+It loads the folder [`export_onnx`] writes (`model.onnx`, `scheduler/scheduler_config.json`, `ddpm_onnx.json`;
+see `ddpm_plugin.export.onnx_export`) and runs the denoising loop in NumPy with the float64 coefficients of
+[`GaussianDiffusion`]. Given the same initial noise and per-step noise it reproduces `DDPMPaperPipeline` with
+diffusers' `DDPMScheduler` (any `num_inference_steps`) or `DDIMScheduler.from_config(...)` (any `eta`).
+
+This module imports only the standard library, NumPy, onnxruntime, Pillow, tqdm and torch-free modules of
+ddpm-plugin, so it works where `import torch` fails.
+
+Speed: the UNet's input, timestep and output live in buffers bound once per batch size (IO binding), so a
+step costs one `run_with_iobinding` and a few NumPy operations on the sample, with nothing re-bound. On CPU
+the bound buffers are the NumPy arrays themselves (shared memory); on CUDA they are device buffers at fixed
+addresses, which is what ORT's CUDA graphs need (`cuda_graph=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from ddpm_plugin.images import to_uint8
+from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
+
+from .providers import CUDA, ProviderSpec, resolve_providers, session_options
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "ddpm_onnx.json"
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+ONNX_SUBFOLDER = "onnx"  # where a pipeline folder keeps its export
+FORMAT_VERSION = 1
+Sampler = Literal["ddpm", "ddim"]
+StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
+
+
+class OnnxModelError(RuntimeError):
+    """The ONNX folder or model cannot be used; the message says which file and why."""
+
+
+@dataclass
+class OnnxPipelineOutput:
+    """Output of [`OnnxDDPMPipeline.__call__`].
+
+    Args:
+        images (`np.ndarray` of shape `(batch_size, height, width, channels)` in [0, 1], or `list[PIL.Image]`):
+            The samples x_0.
+    """
+
+    images: Any
+
+
+@dataclass
+class OnnxProgressiveOutput:
+    """Output of [`OnnxDDPMPipeline.progressive_generation`] (paper Fig. 6); the fields of
+    `ddpm_plugin.ProgressiveGenerationOutput`.
+
+    Args:
+        images (`np.ndarray` `(batch_size, height, width, channels)`): The final samples in [0, 1].
+        x_t (`np.ndarray` `(num_snapshots, batch_size, height, width, channels)`): x_t at each snapshot, in [0, 1].
+        pred_original_sample (`np.ndarray`, same shape as `x_t`): The predicted x_0 at each snapshot, in [0, 1].
+        timesteps (`list[int]`): The timestep t of each snapshot.
+    """
+
+    images: np.ndarray
+    x_t: np.ndarray
+    pred_original_sample: np.ndarray
+    timesteps: list[int]
+
+
+# --- Timesteps and the respaced schedule, as diffusers' schedulers compute them. ---
+
+
+def inference_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:
+    """The descending timesteps `DDPMScheduler.set_timesteps` / `DDIMScheduler.set_timesteps` choose for
+    `num_inference_steps` under the config's `timestep_spacing` and `steps_offset`."""
+    num_train_timesteps = config.get("num_train_timesteps", 1000)
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing == "linspace":
+        return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        step_ratio = num_train_timesteps // num_inference_steps
+        timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.int64)
+        return timesteps + config.get("steps_offset", 0)
+    if spacing == "trailing":
+        step_ratio = num_train_timesteps / num_inference_steps
+        return np.round(np.arange(num_train_timesteps, 0, -step_ratio)).astype(np.int64) - 1
+    raise ValueError(f"`timestep_spacing` must be 'linspace', 'leading' or 'trailing', got {spacing!r}.")
+
+
+def respace(diffusion: GaussianDiffusion, timesteps: np.ndarray) -> GaussianDiffusion:
+    """The diffusion process restricted to `timesteps` (descending): its step k goes from t_k to the next
+    kept timestep, with beta'_k = 1 - alpha_bar_{t_k} / alpha_bar_{t_{k-1}} (Nichol & Dhariwal 2021, App. B).
+
+    Its posterior coefficients are exactly the ones `DDPMScheduler.step` forms from `alphas_cumprod[t]` and
+    `alphas_cumprod[prev_t]` when `num_inference_steps` < T. Index k of the result is the k-th smallest kept
+    timestep. With every timestep kept, `diffusion` itself is returned.
+    """
+    ascending = np.asarray(timesteps, dtype=np.int64)[::-1]
+    if np.array_equal(ascending, np.arange(diffusion.num_timesteps)):
+        return diffusion
+    alphas_cumprod = diffusion.alphas_cumprod[ascending]
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    return GaussianDiffusion.from_betas(1.0 - alphas_cumprod / alphas_cumprod_prev)
+
+
+def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
+    """sigma_t(eta) of Song et al. (2021), Eq. 16: eta sqrt((1 - a_prev)/(1 - a_t) (1 - a_t / a_prev))."""
+    return eta * float(np.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)))
+
+
+# --- The UNet with pre-bound buffers. ---
+
+
+class BoundUNet:
+    """eps_theta(x_t, t) for one batch size, with input and output bound once (IO binding).
+
+    `sample` (float32 NCHW) and `timestep` (int64) are host arrays the caller writes into; `__call__` returns
+    the host array holding eps. On CPU these arrays *are* the bound buffers; on CUDA the bound buffers are
+    device tensors at fixed addresses (CUDA-graph friendly), updated in place from the host arrays.
+    """
+
+    def __init__(
+        self, session: ort.InferenceSession, shape: tuple[int, ...], device: str, graph_id: int | None = None
+    ) -> None:
+        self.session = session
+        self.sample = np.zeros(shape, dtype=np.float32)
+        self.timestep = np.zeros(shape[:1], dtype=np.int64)
+        self.noise_pred = np.zeros(shape, dtype=np.float32)
+        self.device = device
+        self.binding = session.io_binding()
+        self.run_options = ort.RunOptions()
+        if graph_id is not None:  # one captured CUDA graph per batch size
+            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        input_name, timestep_name = (value.name for value in session.get_inputs())
+        output_name = session.get_outputs()[0].name
+        if device == "cpu":
+            # OrtValues over NumPy memory: ORT reads `sample` and writes `noise_pred` in place.
+            self._values = [ort.OrtValue.ortvalue_from_numpy(array) for array in (self.sample, self.timestep, self.noise_pred)]
+        else:
+            self._values = [ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0) for array in (self.sample, self.timestep, self.noise_pred)]
+        self.binding.bind_ortvalue_input(input_name, self._values[0])
+        self.binding.bind_ortvalue_input(timestep_name, self._values[1])
+        self.binding.bind_ortvalue_output(output_name, self._values[2])
+
+    def __call__(self, t: int) -> np.ndarray:
+        self.timestep.fill(t)
+        if self.device == "cpu":
+            self.session.run_with_iobinding(self.binding, self.run_options)
+            return self.noise_pred
+        self._values[0].update_inplace(self.sample)
+        self._values[1].update_inplace(self.timestep)
+        self.session.run_with_iobinding(self.binding, self.run_options)
+        return self._values[2].numpy()
+
+
+# --- The pipeline. ---
+
+
+class OnnxDDPMPipeline:
+    r"""
+    Unconditional image generation with a DDPM UNet exported to ONNX, on ONNX Runtime, without PyTorch.
+
+    Parameters:
+        session (`onnxruntime.InferenceSession`):
+            The UNet: inputs `sample` float32 `[B, C, H, W]` and `timestep` int64 `[B]`, output eps.
+        scheduler_config (`dict`):
+            The pipeline's `DDPMScheduler` configuration (the training schedule and `variance_type`).
+        metadata (`dict`):
+            The contents of `ddpm_onnx.json`.
+        cuda_graph (`bool`, *optional*, defaults to `False`):
+            Whether the session was created with ORT CUDA graphs (one graph is captured per batch size).
+    """
+
+    def __init__(
+        self, session: ort.InferenceSession, scheduler_config: dict[str, Any], metadata: dict[str, Any],
+        cuda_graph: bool = False,
+    ) -> None:
+        self.session = session
+        self.scheduler_config = dict(scheduler_config)
+        self.metadata = dict(metadata)
+        self.diffusion = GaussianDiffusion.from_config(self.scheduler_config)
+        self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
+        self.cuda_graph = cuda_graph
+        self._bound: dict[int, BoundUNet] = {}
+        self._check_model_interface()
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.metadata["sample_size"]
+        return (self.metadata["in_channels"], size, size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        provider: ProviderSpec = "auto",
+        num_threads: int | None = None,
+        cuda_graph: bool = False,
+    ) -> "OnnxDDPMPipeline":
+        r"""
+        Load an export folder (or a pipeline folder with its export in `onnx/`).
+
+        Args:
+            path (`str` or `os.PathLike`):
+                The folder `ddpm export` wrote, or a pipeline folder holding it in an `onnx/` sub-folder.
+            provider (`str` or `list`, *optional*, defaults to `"auto"`):
+                `"auto"` (CUDA when a usable CUDA runtime is present, else CPU, quietly), `"cpu"`, `"cuda"`, or
+                an explicit onnxruntime provider list such as `["CPUExecutionProvider"]`.
+            num_threads (`int`, *optional*):
+                Intra-op threads on CPU; defaults to the number of physical cores.
+            cuda_graph (`bool`, *optional*, defaults to `False`):
+                Capture and replay the UNet as an ORT CUDA graph (CUDA only).
+
+        Raises:
+            `FileNotFoundError`: a file of the folder is missing.
+            [`OnnxModelError`]: the model is truncated or corrupt, does not fit the metadata, or uses an opset
+            this onnxruntime cannot run.
+        """
+        folder = resolve_export_folder(path)
+        metadata = _read_json(folder / METADATA_FILE)
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise OnnxModelError(
+                f"{folder / METADATA_FILE} has format_version {metadata.get('format_version')!r}; this "
+                f"ddpm-plugin reads version {FORMAT_VERSION}. Re-export with `ddpm export`."
+            )
+        scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
+        model_path = folder / metadata.get("model_file", MODEL_FILE)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"the ONNX model {model_path} is missing; re-export with `ddpm export`.")
+        providers = resolve_providers(provider)
+        names = [entry[0] if isinstance(entry, (tuple, list)) else entry for entry in providers]
+        if cuda_graph:
+            if CUDA not in names:
+                raise ValueError("`cuda_graph=True` needs the CUDA execution provider.")
+            providers = [(CUDA, {"enable_cuda_graph": "1"}) if name == CUDA else name for name in names]
+        try:
+            session = ort.InferenceSession(str(model_path), session_options(num_threads), providers=providers)
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... classes
+            raise OnnxModelError(
+                f"onnxruntime {ort.__version__} cannot load {model_path} ({model_path.stat().st_size} bytes, "
+                f"exported at opset {metadata.get('opset')}): {error}\nIf the file is truncated or corrupt, "
+                "re-export it with `ddpm export`; if the opset is newer than this onnxruntime supports, re-export "
+                "with a lower `--opset` or upgrade onnxruntime."
+            ) from error
+        return cls(session, scheduler_config, metadata, cuda_graph=cuda_graph)
+
+    def _check_model_interface(self) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 2 or len(outputs) != 1:
+            raise OnnxModelError(
+                f"the ONNX model must take (sample, timestep) and return eps; it has inputs "
+                f"{[i.name for i in inputs]} and outputs {[o.name for o in outputs]}."
+            )
+        sample, timestep = inputs
+        expected = list(self.image_shape)
+        if list(sample.shape[1:]) != expected or sample.type != "tensor(float)":
+            raise OnnxModelError(
+                f"the ONNX model's input {sample.name!r} is {sample.type} {sample.shape}, but ddpm_onnx.json describes "
+                f"float [batch, {', '.join(map(str, expected))}] images; the model and its metadata do not belong together."
+            )
+        if timestep.type != "tensor(int64)":
+            raise OnnxModelError(f"the ONNX model's input {timestep.name!r} must be int64, got {timestep.type}.")
+
+    # --- Sampling. ---
+
+    def check_inputs(
+        self, batch_size: int, num_inference_steps: int, scheduler: str, eta: float, variance_type: str,
+        latents: np.ndarray | None, output_type: str,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        max_steps = self.diffusion.num_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or not (
+            1 <= num_inference_steps <= max_steps
+        ):
+            raise ValueError(f"`num_inference_steps` must be an integer in 1..{max_steps}, got {num_inference_steps!r}.")
+        if scheduler not in ("ddpm", "ddim"):
+            raise ValueError(f"`scheduler` must be 'ddpm' or 'ddim', got {scheduler!r}.")
+        if not eta >= 0.0:
+            raise ValueError(f"`eta` must be >= 0, got {eta!r}.")
+        if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
+            raise ValueError(
+                f"`variance_type` must be 'fixed_small' or 'fixed_large' (or their '_log' forms), got {variance_type!r}."
+            )
+        expected = (batch_size, *self.image_shape)
+        if latents is not None and tuple(np.shape(latents)) != expected:
+            raise ValueError(f"`latents` must have shape {expected}, got {tuple(np.shape(latents))}.")
+        if output_type not in ("np", "pil"):
+            raise ValueError(f"`output_type` must be 'np' or 'pil', got {output_type!r}.")
+
+    def bound_unet(self, batch_size: int) -> BoundUNet:
+        """The UNet with buffers bound for `batch_size` (created once per batch size, then reused)."""
+        if batch_size not in self._bound:
+            graph_id = len(self._bound) + 1 if self.cuda_graph else None
+            self._bound[batch_size] = BoundUNet(self.session, (batch_size, *self.image_shape), self.device, graph_id)
+        return self._bound[batch_size]
+
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 1000,
+        scheduler: Sampler = "ddpm",
+        eta: float = 0.0,
+        variance_type: str | None = None,
+        seed: int | None = None,
+        generator: np.random.Generator | None = None,
+        latents: np.ndarray | None = None,
+        output_type: Literal["np", "pil"] = "np",
+        callback: StepCallback | None = None,
+        progress_bar: bool = True,
+    ) -> OnnxPipelineOutput:
+        r"""
+        Generate images from x_T ~ N(0, I) down to x_0.
+
+        Args:
+            batch_size (`int`, *optional*, defaults to 1):
+                The number of images.
+            num_inference_steps (`int`, *optional*, defaults to 1000):
+                Denoising steps, 1..T; fewer steps use the timesteps and respaced posterior diffusers uses.
+            scheduler (`str`, *optional*, defaults to `"ddpm"`):
+                `"ddpm"` (ancestral sampling, Algorithm 2, as `DDPMScheduler`) or `"ddim"` (Song et al. 2021, as
+                `DDIMScheduler.from_config` of the same configuration).
+            eta (`float`, *optional*, defaults to 0.0):
+                DDIM's stochasticity (0: deterministic, 1: DDPM-like); ignored by `"ddpm"`.
+            variance_type (`str`, *optional*):
+                sigma_t^2 of `"ddpm"`: `"fixed_large"` (beta_t) or `"fixed_small"` (beta_tilde_t); defaults to
+                the scheduler configuration's.
+            seed (`int`, *optional*):
+                Seed of a fresh `np.random.default_rng` for the initial and per-step noise.
+            generator (`np.random.Generator`, *optional*):
+                The noise source (its `standard_normal(shape, dtype=np.float32)` is called); overrides `seed`.
+            latents (`np.ndarray` of shape `(batch_size, channels, height, width)`, *optional*):
+                The starting noise x_T; drawn from the generator when not given.
+            output_type (`str`, *optional*, defaults to `"np"`):
+                `"np"` (NHWC float32 in [0, 1]) or `"pil"` (a list of `PIL.Image`).
+            callback (`Callable`, *optional*):
+                Called after every step as `callback(i, t, x_prev, pred_original_sample)` with float32 NCHW
+                copies of the new sample x_{t-1} and the predicted x_0 (both in [-1, 1] model space).
+            progress_bar (`bool`, *optional*, defaults to `True`):
+                Show a tqdm progress bar.
+
+        Example:
+
+        ```py
+        >>> from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
+        >>> pipe = OnnxDDPMPipeline.from_pretrained("ddpm-digits/onnx")
+        >>> images = pipe(batch_size=4, seed=0, num_inference_steps=100).images  # (4, 8, 8, 1) in [0, 1]
+        ```
+
+        Returns:
+            [`OnnxPipelineOutput`]: `images` as an NHWC array or a list of PIL images.
+        """
+        variance_type = variance_type or self.scheduler_config.get("variance_type", "fixed_small")
+        self.check_inputs(batch_size, num_inference_steps, scheduler, eta, variance_type, latents, output_type)
+        if generator is None:
+            generator = np.random.default_rng(seed)
+        unet = self.bound_unet(batch_size)
+        timesteps = inference_timesteps(self.scheduler_config, num_inference_steps)
+
+        # 1. x_T ~ N(0, I), written straight into the UNet's bound input buffer.
+        if latents is None:
+            latents = generator.standard_normal(unet.sample.shape, dtype=np.float32)
+        np.copyto(unet.sample, latents, casting="same_kind")
+
+        if scheduler == "ddpm":
+            step = self._ddpm_step_function(timesteps, variance_type)
+        else:
+            step = self._ddim_step_function(timesteps, eta, num_inference_steps)
+        for i, t in enumerate(tqdm(timesteps, disable=not progress_bar, leave=False)):
+            # 2. eps_theta(x_t, t).
+            noise_pred = unet(int(t))
+            # 3. x_{t-1} from x_t and eps, cast to float32 as it is written back into the input buffer.
+            x_prev, pred_original_sample = step(i, unet.sample, noise_pred, generator)
+            np.copyto(unet.sample, x_prev, casting="same_kind")
+            if callback is not None:
+                callback(i, int(t), unet.sample.copy(), pred_original_sample.astype(np.float32))
+
+        images = self.postprocess(unet.sample)
+        return OnnxPipelineOutput(images=self.numpy_to_pil(images) if output_type == "pil" else images)
+
+    def _clip(self, pred_original_sample: np.ndarray) -> np.ndarray:
+        if self.scheduler_config.get("clip_sample", True):
+            bound = self.scheduler_config.get("clip_sample_range", 1.0)
+            np.clip(pred_original_sample, -bound, bound, out=pred_original_sample)
+        return pred_original_sample
+
+    def _check_epsilon_prediction(self) -> None:
+        if self.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(
+                f"only eps-prediction models are supported, the scheduler says "
+                f"{self.scheduler_config.get('prediction_type')!r}."
+            )
+
+    def _ddpm_step_function(self, timesteps: np.ndarray, variance_type: str) -> Callable:
+        """Ancestral step (Algorithm 2, line 4) on the (respaced) schedule, as `DDPMScheduler.step`."""
+        self._check_epsilon_prediction()
+        diffusion = respace(self.diffusion, timesteps)
+        # sigma_t^2 as diffusers applies it: beta_t (fixed_large) or beta_tilde_t floored at 1e-20 (fixed_small).
+        if variance_type.startswith("fixed_large"):
+            sigmas = np.sqrt(diffusion.betas)
+        else:
+            sigmas = np.sqrt(np.maximum(diffusion.posterior_variance, 1e-20))
+        num_steps = len(timesteps)
+
+        def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
+            k = np.full(x_t.shape[:1], num_steps - 1 - i)  # index into the respaced schedule
+            # Eq. 15: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to [-1, 1].
+            pred_original_sample = self._clip(diffusion.predict_start_from_noise(x_t, k, noise_pred))
+            # Eq. 7: mu_tilde_t(x_t, x_0); then + sigma_t z for t > 0.
+            mean, _, _ = diffusion.q_posterior_mean_variance(pred_original_sample, x_t, k)
+            if timesteps[i] > 0:
+                mean += sigmas[k[0]] * generator.standard_normal(x_t.shape, dtype=np.float32)
+            return mean, pred_original_sample
+
+        return step
+
+    def _ddim_step_function(self, timesteps: np.ndarray, eta: float, num_inference_steps: int) -> Callable:
+        """DDIM step (Song et al. 2021, Eq. 12) as `DDIMScheduler.step` with `use_clipped_model_output=False`."""
+        self._check_epsilon_prediction()
+        diffusion = self.diffusion
+        step_ratio = diffusion.num_timesteps // num_inference_steps
+        final_alpha_cumprod = 1.0 if self.scheduler_config.get("set_alpha_to_one", True) else diffusion.alphas_cumprod[0]
+
+        def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
+            t, prev_t = int(timesteps[i]), int(timesteps[i]) - step_ratio
+            alpha_bar_t = diffusion.alphas_cumprod[t]
+            alpha_bar_prev = diffusion.alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_cumprod
+            pred_original_sample = self._clip(
+                diffusion.predict_start_from_noise(x_t, np.full(x_t.shape[:1], t), noise_pred)
+            )
+            sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
+            # x_{t-1} = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
+            x_prev = np.sqrt(alpha_bar_prev) * pred_original_sample + np.sqrt(1.0 - alpha_bar_prev - sigma**2) * noise_pred
+            if eta > 0:
+                x_prev += sigma * generator.standard_normal(x_t.shape, dtype=np.float32)
+            return x_prev, pred_original_sample
+
+        return step
+
+    def progressive_generation(
+        self, batch_size: int = 1, num_inference_steps: int = 1000, every: int = 100, **kwargs: Any
+    ) -> OnnxProgressiveOutput:
+        r"""
+        Sample while keeping x_t and the predicted x_0 every `every` steps (paper Fig. 6).
+
+        Args:
+            batch_size (`int`, *optional*, defaults to 1): The number of images.
+            num_inference_steps (`int`, *optional*, defaults to 1000): The number of denoising steps.
+            every (`int`, *optional*, defaults to 100): Keep a snapshot after every `every` steps and after the last.
+            kwargs: Any other argument of `__call__` (`scheduler`, `seed`, `generator`, `latents`, ...).
+
+        Returns:
+            [`OnnxProgressiveOutput`]: the final images and the snapshots, NHWC in [0, 1].
+        """
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"`every` must be a positive integer, got {every!r}.")
+        x_t, pred_x0, timesteps = [], [], []
+
+        def keep_snapshot(i: int, t: int, sample: np.ndarray, pred_original_sample: np.ndarray) -> None:
+            if (i + 1) % every == 0 or i + 1 == num_inference_steps:
+                x_t.append(self.postprocess(sample))
+                pred_x0.append(self.postprocess(pred_original_sample))
+                timesteps.append(t)
+
+        kwargs["output_type"] = "np"
+        images = self(batch_size, num_inference_steps, callback=keep_snapshot, **kwargs).images
+        return OnnxProgressiveOutput(images, np.stack(x_t), np.stack(pred_x0), timesteps)
+
+    @staticmethod
+    def postprocess(sample: np.ndarray) -> np.ndarray:
+        """x in [-1, 1] (NCHW) to NHWC float32 in [0, 1]."""
+        return np.clip(sample / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray) -> list:
+        from PIL import Image
+
+        pixels = to_uint8(images)
+        if pixels.shape[-1] == 1:
+            return [Image.fromarray(image[..., 0], mode="L") for image in pixels]
+        return [Image.fromarray(image) for image in pixels]
+
+
+def resolve_export_folder(path: str | os.PathLike) -> Path:
+    """`path` if it holds `ddpm_onnx.json`, else its `onnx/` sub-folder if that does."""
+    folder = Path(path)
+    if (folder / METADATA_FILE).is_file():
+        return folder
+    if (folder / ONNX_SUBFOLDER / METADATA_FILE).is_file():
+        return folder / ONNX_SUBFOLDER
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist.")
+    raise FileNotFoundError(
+        f"{folder} holds no ONNX export ({METADATA_FILE}, also not in {ONNX_SUBFOLDER}/); create one with "
+        f"`ddpm export --model PIPELINE_DIR --output {folder}`."
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; re-export the folder with `ddpm export`.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise OnnxModelError(f"{path} is not valid JSON: {error}") from error
