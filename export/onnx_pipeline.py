@@ -247,11 +247,13 @@ class OnnxDDPMPipeline:
         try:
             session = ort.InferenceSession(str(model_path), session_options(num_threads), providers=providers)
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... classes
+            if "opset" in str(error).lower():
+                advice = "its opset is not supported by this onnxruntime: re-export with a lower `ddpm export --opset` or upgrade onnxruntime"
+            else:
+                advice = "the file is probably truncated or corrupt: re-export it with `ddpm export`"
             raise OnnxModelError(
                 f"onnxruntime {ort.__version__} cannot load {model_path} ({model_path.stat().st_size} bytes, "
-                f"exported at opset {metadata.get('opset')}): {error}\nIf the file is truncated or corrupt, "
-                "re-export it with `ddpm export`; if the opset is newer than this onnxruntime supports, re-export "
-                "with a lower `--opset` or upgrade onnxruntime."
+                f"exported at opset {metadata.get('opset')}); {advice}. onnxruntime said: {error}"
             ) from error
         return cls(session, scheduler_config, metadata, cuda_graph=cuda_graph)
 
