@@ -505,17 +505,26 @@ class DDPMPaperPipeline(DDPMPipeline):
             total_distortion_bpd=float(bound.decoder_bpd.mean()),
         )
 
-    def check_timestep(self, timestep: int) -> int:
+    def schedule_timestep(self, timestep: int, num_inference_steps: int) -> int:
+        """The latest step of the `num_inference_steps` sampling schedule at or before `timestep` (0..T-1)."""
         num_timesteps = self.scheduler.config.num_train_timesteps
         if not isinstance(timestep, (int, np.integer)) or not 0 <= timestep < num_timesteps:
             raise ValueError(f"`timestep` must be an integer in 0..{num_timesteps - 1}, got {timestep!r}.")
-        return int(timestep)
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_timesteps:
+            raise ValueError(f"`num_inference_steps` must be an integer in 1..{num_timesteps}, got {num_inference_steps!r}.")
+        self.scheduler.set_timesteps(num_inference_steps)
+        return int(self.scheduler.timesteps[self.scheduler.timesteps <= timestep].max())
 
     def denoise_from(
-        self, x_t: torch.Tensor, timestep: int, generator: torch.Generator | list[torch.Generator] | None = None
+        self,
+        x_t: torch.Tensor,
+        timestep: int,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
     ) -> torch.Tensor:
-        """Run the scheduler's reverse process from x_t at `timestep` down to x_0 (Algorithm 2 from step t)."""
-        self.scheduler.set_timesteps(self.scheduler.config.num_train_timesteps)
+        """Run the scheduler's reverse process from x_t at `timestep` (a step of the `num_inference_steps` schedule,
+        all T by default) down to x_0: Algorithm 2 started at step t."""
+        self.scheduler.set_timesteps(num_inference_steps or self.scheduler.config.num_train_timesteps)
         latents = x_t.to(self.unet.dtype)
         for t in self.progress_bar(self.scheduler.timesteps[self.scheduler.timesteps <= timestep]):
             model_output = self.unet(latents, t).sample
@@ -529,6 +538,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         timestep: int = 500,
         num_samples: int = 4,
         generator: torch.Generator | None = None,
+        num_inference_steps: int = 1000,
     ) -> ReconstructionOutput:
         r"""
         Samples of p_theta(x_0 | x_t) that share one x_t ~ q(x_t | x_0) per image (paper Fig. 7): the larger t,
@@ -539,18 +549,20 @@ class DDPMPaperPipeline(DDPMPipeline):
             timestep (`int`, *optional*, defaults to 500): The step t in 0..T-1 to noise to and denoise from.
             num_samples (`int`, *optional*, defaults to 4): Samples of x_0 per shared x_t.
             generator (`torch.Generator`, *optional*): Makes the noise deterministic.
+            num_inference_steps (`int`, *optional*, defaults to 1000):
+                The sampling schedule; `timestep` moves down to the nearest of its steps.
 
         Returns:
             [`ReconstructionOutput`]: the shared x_t and `num_samples` reconstructions per image, NHWC in [0, 1].
         """
-        timestep = self.check_timestep(timestep)
+        timestep = self.schedule_timestep(timestep, num_inference_steps)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         x_start = self.preprocess(images)
         t = torch.full((x_start.shape[0],), timestep, device=x_start.device)
         noise = randn_tensor(x_start.shape, generator=generator, device=x_start.device, dtype=torch.float32)
         x_t = q_sample(self.diffusion, x_start, t, noise)
-        samples = self.denoise_from(x_t.repeat_interleave(num_samples, dim=0), timestep, generator)
+        samples = self.denoise_from(x_t.repeat_interleave(num_samples, dim=0), timestep, generator, num_inference_steps)
         images_out = self.postprocess(samples, "np")
         return ReconstructionOutput(
             x_t=self.postprocess(x_t, "np"),
@@ -566,6 +578,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         timestep: int = 500,
         lambdas: np.ndarray | list[float] | None = None,
         generator: torch.Generator | None = None,
+        num_inference_steps: int = 1000,
     ) -> InterpolationOutput:
         r"""
         Interpolate two images in the latent x_t (paper Fig. 8-9): x_t and x'_t are drawn with the same noise,
@@ -577,11 +590,13 @@ class DDPMPaperPipeline(DDPMPipeline):
             timestep (`int`, *optional*, defaults to 500): The step t in 0..T-1 to interpolate at.
             lambdas (`list[float]`, *optional*): Mixing weights in [0, 1]; 11 evenly spaced by default.
             generator (`torch.Generator`, *optional*): Makes the noise deterministic.
+            num_inference_steps (`int`, *optional*, defaults to 1000):
+                The sampling schedule; `timestep` moves down to the nearest of its steps.
 
         Returns:
             [`InterpolationOutput`]: one decoded image per lambda, NHWC in [0, 1].
         """
-        timestep = self.check_timestep(timestep)
+        timestep = self.schedule_timestep(timestep, num_inference_steps)
         lambdas = np.linspace(0.0, 1.0, 11) if lambdas is None else np.asarray(lambdas, dtype=np.float64)
         if lambdas.ndim != 1 or lambdas.size < 1 or lambdas.min() < 0 or lambdas.max() > 1:
             raise ValueError(f"`lambdas` must be a non-empty list of values in [0, 1], got {lambdas.tolist()!r}.")
@@ -598,5 +613,5 @@ class DDPMPaperPipeline(DDPMPipeline):
         # 3. Decode every lambda with the same reverse-process noise: one identically seeded generator each.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(len(lambdas))]
-        images = self.postprocess(self.denoise_from(latents, timestep, generators), "np")
+        images = self.postprocess(self.denoise_from(latents, timestep, generators, num_inference_steps), "np")
         return InterpolationOutput(images=images, lambdas=lambdas, timestep=timestep)

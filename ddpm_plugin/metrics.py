@@ -1,0 +1,169 @@
+"""FID and Inception Score (paper Table 1) with torchmetrics, on the Inception network or a feature extractor you plug in.
+
+The paper's numbers come from TensorFlow's Inception (2015-12-05). Three ways to get a network:
+
+1. `inception_weights=PATH` (`ddpm evaluate --inception-weights PATH`, or `$DDPM_INCEPTION_WEIGHTS`): a local copy of
+   NVIDIA's TorchScript port of that network, `inception-2015-12-05.pt`, the file StyleGAN2-ADA and clean-fid use.
+2. Nothing: torchmetrics' own Inception, which needs `torch-fidelity` and downloads its weights on first use.
+   (Do not `pip install torch-fidelity` into an environment with a CPU torch you want to keep: it pulls torchvision
+   and a CUDA torch.)
+3. `feature_extractor=` any `torch.nn.Module` mapping uint8 images `[N, C, H, W]` (0..255, the images' own
+   channels) to features `[N, D]`; its output also serves as the class logits of the Inception Score unless
+   `logits_extractor=` gives another module. Scores from another network are not comparable with the paper's.
+
+Example:
+
+```py
+>>> metrics = ImageMetrics(("fid", "inception_score"), inception_weights="inception-2015-12-05.pt")
+>>> metrics.update_real(real_uint8_nhwc)
+>>> metrics.update_fake(samples_uint8_nhwc)
+>>> metrics.compute()
+{'fid': 3.17, 'inception_score': 9.46, 'inception_score_std': 0.11}
+```
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Literal
+
+import numpy as np
+import torch
+
+# The paper's sample count for FID and IS (Table 1).
+DEFAULT_NUM_SAMPLES = 50_000
+INCEPTION_WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
+INCEPTION_WEIGHTS_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+METRICS = ("fid", "inception_score")
+Metric = Literal["fid", "inception_score"]
+
+
+class InceptionWeightsNotFoundError(FileNotFoundError):
+    """No Inception network is available: no weights file was given and torch-fidelity is not installed."""
+
+
+def missing_inception_message(path: str | os.PathLike | None = None) -> str:
+    where = f"{path} does not exist. " if path else ""
+    return (
+        f"{where}FID and Inception Score need the Inception network, and its weights cannot be downloaded here. "
+        f"On a machine with network access download {INCEPTION_WEIGHTS_URL} (NVIDIA's TorchScript port of the "
+        f"TensorFlow Inception the paper's FID uses), copy it here, and pass `--inception-weights PATH` "
+        f"(Python: `inception_weights=PATH`) or set ${INCEPTION_WEIGHTS_ENV}=PATH. Or install torch-fidelity to use "
+        f"torchmetrics' own Inception, or plug in another network with `feature_extractor=` (an nn.Module from "
+        f"uint8 images [N, C, H, W] to features [N, D]; see `ddpm_plugin.metrics`)."
+    )
+
+
+class TorchScriptInception(torch.nn.Module):
+    """NVIDIA's TorchScript Inception (`inception-2015-12-05.pt`) as a torchmetrics feature extractor.
+
+    `output="pool"` gives the 2048 pool features of FID; `output="logits"` gives log class probabilities
+    without the output bias, as the original Inception Score (torchmetrics applies the softmax, which
+    returns the probabilities). Grayscale images are repeated to three channels; the network resizes to 299.
+    Load only a file you trust: TorchScript runs the code stored in it (it cannot import Python modules).
+    """
+
+    def __init__(self, path: str | os.PathLike, output: Literal["pool", "logits"] = "pool"):
+        super().__init__()
+        if output not in ("pool", "logits"):
+            raise ValueError(f"`output` must be 'pool' or 'logits', got {output!r}.")
+        if not os.path.isfile(path):
+            raise InceptionWeightsNotFoundError(missing_inception_message(path))
+        self.network = torch.jit.load(str(path), map_location="cpu").eval()
+        self.output = output
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        if self.output == "pool":
+            return self.network(images, return_features=True)
+        probabilities = self.network(images, no_output_bias=True)
+        return probabilities.clamp(min=1e-12).log()
+
+
+def inception_extractors(inception_weights: str | os.PathLike | None = None) -> tuple[torch.nn.Module | int, torch.nn.Module | str]:
+    """The FID and IS networks: the TorchScript file at `inception_weights` (or `$DDPM_INCEPTION_WEIGHTS`), else
+    torchmetrics' default Inception when torch-fidelity is installed, else `InceptionWeightsNotFoundError`."""
+    path = inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
+    if path:
+        return TorchScriptInception(path, "pool"), TorchScriptInception(path, "logits")
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if _TORCH_FIDELITY_AVAILABLE:
+        return 2048, "logits_unbiased"
+    raise InceptionWeightsNotFoundError(missing_inception_message())
+
+
+def to_nchw_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images NHWC (or NHW) as a uint8 NCHW tensor."""
+    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (0..255), got dtype {images.dtype}.")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C] or [N, H, W], got shape {tuple(images.shape)}.")
+    return images.permute(0, 3, 1, 2).contiguous()
+
+
+class ImageMetrics:
+    """Streaming FID (real vs generated) and Inception Score (generated) over uint8 NHWC batches.
+
+    Args:
+        metrics (`tuple[str, ...]`, *optional*, defaults to `("fid", "inception_score")`): What to compute.
+        feature_extractor (`torch.nn.Module`, *optional*):
+            Replaces the Inception network: uint8 `[N, C, H, W]` to features `[N, D]`.
+        logits_extractor (`torch.nn.Module`, *optional*):
+            The Inception Score's classifier (logits `[N, K]`); defaults to `feature_extractor`.
+        inception_weights (`str`, *optional*):
+            NVIDIA's TorchScript `inception-2015-12-05.pt`; defaults to `$DDPM_INCEPTION_WEIGHTS`.
+        splits (`int`, *optional*, defaults to 10): The Inception Score's splits (paper: 10).
+    """
+
+    def __init__(
+        self,
+        metrics: Iterable[Metric] = METRICS,
+        feature_extractor: torch.nn.Module | None = None,
+        logits_extractor: torch.nn.Module | None = None,
+        inception_weights: str | os.PathLike | None = None,
+        splits: int = 10,
+    ):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+
+        self.metrics = tuple(metrics)
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown or not self.metrics:
+            raise ValueError(f"`metrics` must name some of {list(METRICS)}, got {list(self.metrics)}.")
+        if feature_extractor is None:
+            fid_network, is_network = inception_extractors(inception_weights)
+        else:
+            fid_network, is_network = feature_extractor, logits_extractor or feature_extractor
+        self.fid = FrechetInceptionDistance(feature=fid_network, reset_real_features=False) if "fid" in self.metrics else None
+        self.inception_score = InceptionScore(feature=is_network, splits=splits) if "inception_score" in self.metrics else None
+
+    @torch.no_grad()
+    def update_real(self, images: np.ndarray | torch.Tensor) -> None:
+        """Add reference images (uint8 NHWC) to FID's real statistics."""
+        if self.fid is not None:
+            self.fid.update(to_nchw_uint8(images), real=True)
+
+    @torch.no_grad()
+    def update_fake(self, images: np.ndarray | torch.Tensor) -> None:
+        """Add generated images (uint8 NHWC) to FID's generated statistics and to the Inception Score."""
+        images = to_nchw_uint8(images)
+        if self.fid is not None:
+            self.fid.update(images, real=False)
+        if self.inception_score is not None:
+            self.inception_score.update(images)
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, float]:
+        """`{"fid": ..., "inception_score": ..., "inception_score_std": ...}` for the metrics asked for."""
+        result: dict[str, float] = {}
+        if self.fid is not None:
+            result["fid"] = float(self.fid.compute())
+        if self.inception_score is not None:
+            mean, std = self.inception_score.compute()
+            result["inception_score"], result["inception_score_std"] = float(mean), float(std)
+        return result
