@@ -7,7 +7,8 @@ configured folders, and the server serves no file but the pictures it generates.
 
 Named API endpoints (`gradio_client.Client(url).view_api()` lists them):
 `/generate` (model, backend, sampler, variance_type, steps, num_images, seed, eta) -> (gallery, progression,
-summary) and `/models` () -> the configured models, backends and limits.
+summary), `/interpolate` (model, image_a, image_b, timestep, num_lambdas, seed) -> (picture, summary),
+`/bits_per_dim` (model, image, seed) -> (picture, summary) and `/models` () -> the models, backends and limits.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ from __future__ import annotations
 import os
 import random
 import sys
-from typing import Any, Sequence
+import uuid
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import gradio as gr
+from PIL import Image
 
 from ddpm_plugin.demo.backends import (
     MAX_IMAGES,
+    MAX_LAMBDAS,
     MAX_SEED,
     DemoEngine,
     GenerationRequest,
     gallery_images,
+    interpolation_picture,
     progression_picture,
 )
 
@@ -33,6 +39,7 @@ QUEUE_SIZE = 64  # requests that may wait; beyond that new ones are turned away 
 DDPM_STEPS = 1000  # the paper samples with all T steps
 DDIM_STEPS = 50
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete generated pictures older than an hour
+MAX_FILE_SIZE = "2mb"  # largest upload
 
 BACKEND_LABELS = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral, paper)", "ddim": "DDIM"}
@@ -44,9 +51,44 @@ Samples from a DDPM (Ho, Jain, Abbeel 2020). The paper's sampler is ancestral sa
 same backend. The progression shows x_t (odd rows) and the predicted x̂₀ (even rows) from t = T to 0, as in the
 paper's Fig. 6."""
 
+INTERPOLATE_HELP = """Both images are noised to x_t with the same noise, mixed as (1 − λ) x_t + λ x'_t and denoised
+with the same noise for every λ (paper Fig. 8-9). Uploads are converted to the model's size and colours. Runs on
+PyTorch."""
+
+BPD_HELP = """The negative log-likelihood bound of one 8-bit image in bits/dim (paper Eq. 5): rate (the KL terms
+L_T ... L_1) plus distortion (the decoder L_0), over all T steps. Uploads are converted to the model's size and
+colours. Runs on PyTorch."""
+
 
 def _choices(labels: dict[str, str], values: Sequence[str]) -> list[tuple[str, str]]:
     return [(labels[value], value) for value in values]
+
+
+@contextmanager
+def shown_in_page() -> Iterator[None]:
+    """A rejected control (`ValueError`) becomes a message in the page instead of a traceback."""
+    try:
+        yield
+    except ValueError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+
+
+def stamped(pictures: list[Image.Image], description: str) -> list[Image.Image]:
+    """`pictures` with the request written into their PNG text chunks, with a fresh request id.
+
+    Besides recording how a download was made, this keeps pictures of different requests distinct: Gradio
+    stores outputs under the hash of their bytes and rewrites the file in place, so two requests with the same
+    seed at the same moment would otherwise truncate a file that the other one's client is downloading."""
+    request_id = uuid.uuid4().hex
+    for picture in pictures:
+        picture.info.update({"Software": "ddpm-plugin demo", "Description": description, "Request": request_id})
+    return pictures
+
+
+def _gallery_files(gallery: list | None, count: int) -> list[str]:
+    if not gallery or len(gallery) < count:
+        raise gr.Error(f"Generate at least {count} image(s) first.", print_exception=False)
+    return [item[0] for item in gallery[:count]]
 
 
 def build_demo(engine: DemoEngine) -> gr.Blocks:
@@ -57,19 +99,44 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
         eta: float, progress: gr.Progress = gr.Progress(),
     ) -> tuple[list, Any, str]:
         request = GenerationRequest(model, backend, sampler, variance_type, steps, num_images, seed, eta)
-        try:
+        with shown_in_page():
             request = engine.check(request)
-        except ValueError as error:
-            raise gr.Error(str(error), print_exception=False) from None
         progress(0.0, desc="denoising")
         generation = engine.generate(request, on_step=lambda done, total: progress((done, total), desc="denoising"))
         captions = [f"seed {request.seed}, image {k + 1}" for k in range(request.num_images)]
+        *samples, progression = stamped(
+            [*gallery_images(generation.images), progression_picture(generation)], str(request)
+        )
         timesteps = ", ".join(map(str, generation.timesteps))
         summary = (
-            f"{request.num_images} image(s), {request.num_inference_steps} {SAMPLER_LABELS[request.sampler]} steps "
+            f"{request.num_images} image(s) of {request.model}, seed {request.seed}, "
+            f"{request.num_inference_steps} {SAMPLER_LABELS[request.sampler]} steps "
             f"on {BACKEND_LABELS[request.backend]} in {generation.seconds:.2f} s. Progression columns: t = {timesteps}."
         )
-        return list(zip(gallery_images(generation.images), captions)), progression_picture(generation), summary
+        return list(zip(samples, captions)), progression, summary
+
+    def interpolate(
+        model: str, image_a: Any, image_b: Any, timestep: float, num_lambdas: float, seed: float,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),
+    ) -> tuple[Any, str]:
+        with shown_in_page():
+            images, output = engine.interpolate(model, image_a, image_b, timestep, num_lambdas, seed)
+        lambdas = ", ".join(f"{value:.2f}" for value in output.lambdas)
+        summary = f"Image A, the interpolants decoded from t = {output.timestep} at λ = {lambdas}, image B."
+        description = f"interpolation of two uploads with {model} at t = {output.timestep}, seed {seed}"
+        return stamped([interpolation_picture(images, output.images)], description)[0], summary
+
+    def bits_per_dim(
+        model: str, image: Any, seed: float, progress: gr.Progress = gr.Progress(track_tqdm=True)
+    ) -> tuple[Any, str]:
+        with shown_in_page():
+            fitted, output = engine.bits_per_dim(model, image, seed)
+        summary = (
+            "| bound (bits/dim) | rate L_T + ... + L_1 | distortion L_0 | prior L_T |\n|---:|---:|---:|---:|\n"
+            f"| {output.total_bpd[0]:.3f} | {output.rate_bpd[0]:.3f} | {output.decoder_bpd[0]:.3f} "
+            f"| {output.prior_bpd[0]:.5f} |"
+        )
+        return stamped(gallery_images(fitted[None] / 255.0), f"bits/dim input of {model}")[0], summary
 
     def sampler_controls(sampler: str) -> tuple[Any, Any, Any]:
         ddpm = sampler == "ddpm"
@@ -82,45 +149,87 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
     models = engine.model_names
     backends = engine.backends
     default_variance = engine.models[models[0]].variance_type
+    max_t = engine.max_steps - 1
     with gr.Blocks(title="DDPM demo", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(INTRO)
         if "onnxruntime" not in backends:
             reasons = "; ".join(f"{m.name}: {m.onnx_problem}" for m in engine.models.values())
             gr.Markdown(f"ONNX Runtime is unavailable ({reasons}); sampling runs on PyTorch.")
-        with gr.Row():
-            with gr.Column(scale=1, min_width=280):
-                model = gr.Dropdown(models, value=models[0], label="Model", elem_id="model")
-                backend = gr.Radio(_choices(BACKEND_LABELS, backends), value=backends[0], label="Backend",
-                                   elem_id="backend")
-                sampler = gr.Radio(_choices(SAMPLER_LABELS, ("ddpm", "ddim")), value="ddpm", label="Sampler",
-                                   elem_id="sampler")
-                variance_type = gr.Radio(_choices(VARIANCE_LABELS, ("fixed_large", "fixed_small")),
-                                         value=default_variance, label="Variance σ²", elem_id="variance")
-                eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="DDIM η (0 = deterministic)",
-                                visible=False, elem_id="eta")
-                steps = gr.Number(DDPM_STEPS, precision=0, label=f"Steps (1..{engine.max_steps})", elem_id="steps")
-                num_images = gr.Number(4, precision=0, label=f"Number of images (1..{engine.max_images})",
-                                       elem_id="num-images")
-                with gr.Row():
-                    seed = gr.Number(0, precision=0, label=f"Seed (0..{MAX_SEED})", elem_id="seed", scale=3)
-                    random_seed = gr.Button("Random seed", elem_id="random-seed", scale=1)
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Column(scale=2):
-                gallery = gr.Gallery(label="Samples", columns=4, format="png", object_fit="contain",
-                                     buttons=["download", "download_all", "fullscreen"], interactive=False,
-                                     elem_id="gallery")
-                progression = gr.Image(label="Denoising progression",
-                                       format="png", type="pil", interactive=False, elem_id="progression",
-                                       buttons=["download", "fullscreen"])
-                summary = gr.Markdown(label="Summary", elem_id="summary")
+        model = gr.Dropdown(models, value=models[0], label="Model", elem_id="model")
+        with gr.Tab("Generate", elem_id="tab-generate"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    backend = gr.Radio(_choices(BACKEND_LABELS, backends), value=backends[0], label="Backend",
+                                       elem_id="backend")
+                    sampler = gr.Radio(_choices(SAMPLER_LABELS, ("ddpm", "ddim")), value="ddpm", label="Sampler",
+                                       elem_id="sampler")
+                    variance_type = gr.Radio(_choices(VARIANCE_LABELS, ("fixed_large", "fixed_small")),
+                                             value=default_variance, label="Variance σ²", elem_id="variance")
+                    eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="DDIM η (0 = deterministic)",
+                                    visible=False, elem_id="eta")
+                    steps = gr.Number(DDPM_STEPS, precision=0, label=f"Steps (1..{engine.max_steps})",
+                                      elem_id="steps")
+                    num_images = gr.Number(4, precision=0, label=f"Number of images (1..{engine.max_images})",
+                                           elem_id="num-images")
+                    seed = gr.Number(0, precision=0, label=f"Seed (0..{MAX_SEED})", elem_id="seed")
+                    random_seed = gr.Button("Random seed", size="sm", elem_id="random-seed")
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=2):
+                    gallery = gr.Gallery(label="Samples", columns=4, format="png", object_fit="contain",
+                                         buttons=["download", "download_all", "fullscreen"], interactive=False,
+                                         elem_id="gallery")
+                    progression = gr.Image(label="Denoising progression", format="png", type="pil",
+                                           interactive=False, elem_id="progression", buttons=["download", "fullscreen"])
+                    summary = gr.Markdown(label="Summary", elem_id="summary")
+        with gr.Tab("Interpolate", elem_id="tab-interpolate"):
+            gr.Markdown(INTERPOLATE_HELP)
+            with gr.Row():
+                image_a = gr.Image(label="Image A (λ = 0)", type="numpy", image_mode="RGB",
+                                   sources=["upload", "clipboard"], elem_id="image-a")
+                image_b = gr.Image(label="Image B (λ = 1)", type="numpy", image_mode="RGB",
+                                   sources=["upload", "clipboard"], elem_id="image-b")
+            with gr.Row():
+                use_samples = gr.Button("Use samples 1 and 2 from the gallery", size="sm")
+                timestep = gr.Number(min(500, max_t), precision=0, label=f"Interpolation step t (0..{max_t})",
+                                     elem_id="interpolation-t")
+                num_lambdas = gr.Number(9, precision=0, label=f"Interpolants (2..{MAX_LAMBDAS})",
+                                        elem_id="num-lambdas")
+                interpolation_seed = gr.Number(0, precision=0, label="Seed", elem_id="interpolation-seed")
+            run_interpolation = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
+            interpolation = gr.Image(label="Interpolation", format="png", type="pil", interactive=False,
+                                     elem_id="interpolation", buttons=["download", "fullscreen"])
+            interpolation_summary = gr.Markdown(label="Summary", elem_id="interpolation-summary")
+        with gr.Tab("Bits/dim", elem_id="tab-bpd"):
+            gr.Markdown(BPD_HELP)
+            with gr.Row():
+                bpd_image = gr.Image(label="Image", type="numpy", image_mode="RGB", sources=["upload", "clipboard"],
+                                     elem_id="bpd-image")
+                bpd_fitted = gr.Image(label="As the model sees it", format="png", type="pil", interactive=False,
+                                      elem_id="bpd-fitted")
+            with gr.Row():
+                use_sample = gr.Button("Use sample 1 from the gallery", size="sm")
+                bpd_seed = gr.Number(0, precision=0, label="Seed", elem_id="bpd-seed")
+            run_bpd = gr.Button("Compute bits/dim", variant="primary", elem_id="bits-per-dim")
+            bpd_summary = gr.Markdown(label="Bound", elem_id="bpd-summary")
 
         run.click(
             generate, [model, backend, sampler, variance_type, steps, num_images, seed, eta],
             [gallery, progression, summary], api_name="generate",
             api_description="Sample images; returns the gallery, the denoising progression and a summary.",
         )
+        run_interpolation.click(
+            interpolate, [model, image_a, image_b, timestep, num_lambdas, interpolation_seed],
+            [interpolation, interpolation_summary], api_name="interpolate",
+            api_description="Interpolate two images in x_t (paper Fig. 8); returns the row of images and a summary.",
+        )
+        run_bpd.click(
+            bits_per_dim, [model, bpd_image, bpd_seed], [bpd_fitted, bpd_summary], api_name="bits_per_dim",
+            api_description="The variational bound of an image in bits/dim with its rate and distortion.",
+        )
         sampler.change(sampler_controls, sampler, [steps, variance_type, eta], api_visibility="private")
         random_seed.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private", queue=False)
+        use_samples.click(lambda g: _gallery_files(g, 2), gallery, [image_a, image_b], api_visibility="private")
+        use_sample.click(lambda g: _gallery_files(g, 1)[0], gallery, bpd_image, api_visibility="private")
         gr.api(engine.describe, api_name="models", api_description="The configured models, backends and limits.")
     return demo
 
@@ -144,11 +253,14 @@ def launch(
         raise ValueError(f"`concurrency` and `queue_size` must be at least 1, got {concurrency} and {queue_size}.")
     if num_threads is None:
         num_threads = max(1, (os.cpu_count() or 1) // concurrency)
-    engine = DemoEngine(models, max_images=max_images, num_threads=num_threads, onnx=onnx)
+    engine = DemoEngine(models, max_images=max_images, num_threads=num_threads, onnx=onnx, concurrency=concurrency)
     demo = build_demo(engine)
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency)
     # No allowed_paths: Gradio serves only its own cache, where the generated pictures are written.
-    demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False, footer_links=["api", "gradio"])
+    demo.launch(
+        server_name=host, server_port=port, ssr_mode=False, show_error=False, footer_links=["api", "gradio"],
+        max_file_size=MAX_FILE_SIZE,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,17 +11,19 @@ import hashlib
 import logging
 import math
 import os
+import queue
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ddpm_plugin.images import make_grid
+from ddpm_plugin.images import make_grid, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ NUM_SNAPSHOTS = 8  # columns of the denoising progression (paper Fig. 6)
 PROGRESSION_IMAGES = 4  # images whose progression is drawn, two rows each (x_t and predicted x_0)
 GALLERY_PIXELS = 128  # gallery images are upscaled to at least this size, by nearest neighbour
 PROGRESSION_PIXELS = 64  # the same for each tile of the progression
+MAX_LAMBDAS = 16  # most interpolation weights per request
 
 # Called after every denoising step with (steps done, total steps).
 StepCallback = Callable[[int, int], None]
@@ -148,11 +151,15 @@ class DemoModel:
     Args:
         name (`str`): The name the page shows.
         folder (`Path`): The pipeline folder (`model_index.json`, `unet/`, `scheduler/`, optionally `onnx/`).
-        num_threads (`int`, *optional*): Intra-op threads of the ONNX Runtime session.
+        num_threads (`int`, *optional*): Intra-op threads of each ONNX Runtime session.
         onnx (`bool`, defaults to `True`): Load (and, when `folder/onnx` is missing, export) the ONNX network.
+        concurrency (`int`, defaults to 1): Requests that may sample at once: one ONNX Runtime pipeline each,
+            because a pipeline's bound input and output buffers belong to one request at a time.
     """
 
-    def __init__(self, name: str, folder: Path, num_threads: int | None = None, onnx: bool = True):
+    def __init__(
+        self, name: str, folder: Path, num_threads: int | None = None, onnx: bool = True, concurrency: int = 1
+    ):
         from ddpm_plugin.sampling import load_pipeline
 
         self.name, self.folder = name, folder
@@ -160,13 +167,20 @@ class DemoModel:
         config = self.torch_pipeline.scheduler.config
         self.num_train_timesteps = int(config.num_train_timesteps)
         self.variance_type = config.variance_type
-        self.onnx_pipeline, self.onnx_problem = None, "disabled by --no-onnx"
+        self.image_shape = tuple(self.torch_pipeline.image_shape(1)[1:])  # (channels, height, width)
+        self._onnx_pipelines: queue.SimpleQueue | None = None
+        self.onnx_problem: str | None = "disabled by --no-onnx"
         if onnx:
             try:
-                self.onnx_pipeline, self.onnx_problem = self._load_onnx(num_threads), None
+                self._onnx_pipelines = self._load_onnx(num_threads, concurrency)
+                self.onnx_problem = None
             except Exception as error:  # an optional backend: the page explains why it is off
                 self.onnx_problem = f"{type(error).__name__}: {error}"
                 logger.warning("ONNX Runtime backend disabled for %s: %s", name, self.onnx_problem)
+
+    @property
+    def has_onnx(self) -> bool:
+        return self._onnx_pipelines is not None
 
     def _onnx_folder(self) -> Path:
         """`folder/onnx` when the pipeline ships its export, else an export cached by the weights' hash."""
@@ -195,41 +209,55 @@ class DemoModel:
                 shutil.rmtree(partial, ignore_errors=True)
         return cached
 
-    def _load_onnx(self, num_threads: int | None) -> Any:
+    def _load_onnx(self, num_threads: int | None, concurrency: int) -> queue.SimpleQueue:
         from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
 
-        return OnnxDDPMPipeline.from_pretrained(self._onnx_folder(), provider="auto", num_threads=num_threads)
+        folder = self._onnx_folder()
+        pipelines: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(concurrency):
+            pipelines.put(OnnxDDPMPipeline.from_pretrained(folder, provider="auto", num_threads=num_threads))
+        return pipelines
+
+    @contextmanager
+    def _onnx_pipeline(self) -> Iterator[Any]:
+        pipe = self._onnx_pipelines.get()
+        try:
+            yield pipe
+        finally:
+            self._onnx_pipelines.put(pipe)
+
+    def _torch_pipeline(self, scheduler: Any = None) -> Any:
+        """A pipeline that shares the network but has its own scheduler, so that concurrent requests cannot
+        change each other's timesteps."""
+        from ddpm_plugin.pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
+
+        scheduler = scheduler or type(self.torch_pipeline.scheduler).from_config(self.torch_pipeline.scheduler.config)
+        return DDPMPaperPipeline(unet=self.torch_pipeline.unet, scheduler=scheduler)
 
     def sample(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
         """Run `request` (already checked) on its backend, feeding `recorder`; the images NHWC in [0, 1]."""
         if request.backend == "onnxruntime":
-            return self._sample_onnx(request, recorder)
+            with self._onnx_pipeline() as pipe:
+                return pipe(
+                    batch_size=request.num_images, num_inference_steps=request.num_inference_steps,
+                    scheduler=request.sampler, eta=request.eta, variance_type=request.variance_type,
+                    seed=request.seed, output_type="np", callback=recorder, progress_bar=False,
+                ).images
         return self._sample_torch(request, recorder)
-
-    def _sample_onnx(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
-        return self.onnx_pipeline(
-            batch_size=request.num_images, num_inference_steps=request.num_inference_steps,
-            scheduler=request.sampler, eta=request.eta, variance_type=request.variance_type, seed=request.seed,
-            output_type="np", callback=recorder, progress_bar=False,
-        ).images
 
     def _sample_torch(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
         import torch
         from diffusers import DDIMScheduler, DDPMScheduler
-
-        from ddpm_plugin.pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
 
         config = self.torch_pipeline.scheduler.config
         if request.sampler == "ddim":
             scheduler = DDIMScheduler.from_config(config)
         else:
             scheduler = DDPMScheduler.from_config(config, variance_type=request.variance_type)
-        # A pipeline per request shares the network but not the scheduler's state, so that concurrent
-        # requests cannot change each other's timesteps.
-        pipe = DDPMPaperPipeline(unet=self.torch_pipeline.unet, scheduler=scheduler)
+        pipe = self._torch_pipeline(scheduler)
         pipe.set_progress_bar_config(disable=True)
 
-        def on_step_end(pipe: DDPMPaperPipeline, i: int, t: Any, tensors: dict) -> dict:
+        def on_step_end(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
             recorder(i, int(t), tensors["latents"].float().numpy(), tensors["pred_original_sample"].float().numpy())
             return {}
 
@@ -238,6 +266,21 @@ class DemoModel:
             num_inference_steps=request.num_inference_steps, output_type="np", eta=request.eta,
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
         ).images
+
+    def interpolate(self, image_a: np.ndarray, image_b: np.ndarray, timestep: int, num_lambdas: int, seed: int) -> Any:
+        """Paper Fig. 8-9 on PyTorch: [`DDPMPaperPipeline.interpolate`] of two uint8 images at `timestep`."""
+        import torch
+
+        return self._torch_pipeline().interpolate(
+            image_a, image_b, timestep=timestep, lambdas=np.linspace(0.0, 1.0, num_lambdas),
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def bits_per_dim(self, image: np.ndarray, seed: int) -> Any:
+        """The variational bound of one uint8 image, [`DDPMPaperPipeline.bits_per_dim`] on PyTorch."""
+        import torch
+
+        return self._torch_pipeline().bits_per_dim(image[None], generator=torch.Generator().manual_seed(seed))
 
 
 def unique_names(folders: Sequence[Path]) -> list[str]:
@@ -259,6 +302,7 @@ class DemoEngine:
         max_images (`int`, defaults to `MAX_IMAGES`): Most images one request may ask for.
         num_threads (`int`, *optional*): Threads per request for PyTorch and ONNX Runtime.
         onnx (`bool`, defaults to `True`): Offer the ONNX Runtime backend (exporting models that lack `onnx/`).
+        concurrency (`int`, defaults to 1): Requests that may run at once (the page's queue admits as many).
 
     Example:
 
@@ -278,6 +322,7 @@ class DemoEngine:
         max_images: int = MAX_IMAGES,
         num_threads: int | None = None,
         onnx: bool = True,
+        concurrency: int = 1,
     ):
         if not folders:
             raise ValueError("`folders` must name at least one pipeline folder.")
@@ -289,7 +334,7 @@ class DemoEngine:
             torch.set_num_threads(num_threads)
         paths = [Path(folder).resolve() for folder in folders]
         self.models = {
-            name: DemoModel(name, path, num_threads=num_threads, onnx=onnx)
+            name: DemoModel(name, path, num_threads=num_threads, onnx=onnx, concurrency=concurrency)
             for name, path in zip(unique_names(paths), paths)
         }
         self.max_images = max_images
@@ -301,20 +346,24 @@ class DemoEngine:
     @property
     def backends(self) -> list[str]:
         """The backends at least one model can run, ONNX Runtime first."""
-        onnx = any(model.onnx_pipeline is not None for model in self.models.values())
+        onnx = any(model.has_onnx for model in self.models.values())
         return [backend for backend in BACKENDS if onnx or backend != "onnxruntime"]
 
     @property
     def max_steps(self) -> int:
         return max(model.num_train_timesteps for model in self.models.values())
 
+    def model(self, name: str) -> DemoModel:
+        """The configured model called `name`; nothing else (no paths) can be chosen."""
+        if name not in self.models:
+            raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(self.models)}.")
+        return self.models[name]
+
     def check(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with whole numbers as ints, or a `ValueError` that names the rejected control."""
-        if request.model not in self.models:
-            raise ValueError(f"Unknown model {request.model!r}; choose one of: {', '.join(self.models)}.")
-        model = self.models[request.model]
+        model = self.model(request.model)
         _one_of("Backend", request.backend, BACKENDS)
-        if request.backend == "onnxruntime" and model.onnx_pipeline is None:
+        if request.backend == "onnxruntime" and not model.has_onnx:
             raise ValueError(f"ONNX Runtime is not available for {model.name} ({model.onnx_problem}); use PyTorch.")
         _one_of("Sampler", request.sampler, SAMPLERS)
         _one_of("Variance", request.variance_type, VARIANCE_TYPES)
@@ -337,12 +386,32 @@ class DemoEngine:
         images = self.models[request.model].sample(request, recorder)
         return recorder.result(images, time.perf_counter() - start)
 
+    def interpolate(
+        self, model: str, image_a: np.ndarray | None, image_b: np.ndarray | None, timestep: Any, num_lambdas: Any,
+        seed: Any,
+    ) -> tuple[np.ndarray, Any]:
+        """Paper Fig. 8-9: the two uploads fitted to the model, and the decoded interpolants at `timestep`."""
+        demo_model = self.model(model)
+        timestep = _integer_in("Interpolation step t", timestep, 0, demo_model.num_train_timesteps - 1)
+        num_lambdas = _integer_in("Number of interpolants", num_lambdas, 2, MAX_LAMBDAS)
+        seed = _integer_in("Seed", seed, 0, MAX_SEED)
+        images = np.stack([fit_image(name, image, demo_model.image_shape)
+                           for name, image in (("Image A", image_a), ("Image B", image_b))])
+        return images, demo_model.interpolate(images[0], images[1], timestep, num_lambdas, seed)
+
+    def bits_per_dim(self, model: str, image: np.ndarray | None, seed: Any) -> tuple[np.ndarray, Any]:
+        """The upload fitted to the model, and its variational bound in bits/dim with the breakdown."""
+        demo_model = self.model(model)
+        seed = _integer_in("Seed", seed, 0, MAX_SEED)
+        fitted = fit_image("Image", image, demo_model.image_shape)
+        return fitted, demo_model.bits_per_dim(fitted, seed)
+
     def describe(self) -> dict[str, Any]:
         """The models, backends and limits, as the `/models` API returns them."""
         return {
             "models": {
                 name: {
-                    "image_shape": list(model.torch_pipeline.image_shape(1)[1:]),
+                    "image_shape": list(model.image_shape),
                     "num_train_timesteps": model.num_train_timesteps,
                     "variance_type": model.variance_type,
                     "onnxruntime": model.onnx_problem or "available",
@@ -352,9 +421,28 @@ class DemoEngine:
             "backends": self.backends,
             "samplers": list(SAMPLERS),
             "variance_types": list(VARIANCE_TYPES),
-            "limits": {"max_images": self.max_images, "max_steps": self.max_steps, "max_seed": MAX_SEED},
+            "limits": {
+                "max_images": self.max_images, "max_steps": self.max_steps, "max_seed": MAX_SEED,
+                "max_lambdas": MAX_LAMBDAS,
+            },
             "defaults": asdict(GenerationRequest(self.model_names[0], backend=self.backends[0])),
         }
+
+
+def fit_image(name: str, image: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray:
+    """An uploaded picture as the model's uint8 (height, width, channels) input: gray or RGB as the model
+    takes, resized with a box filter (the average of the pixels each model pixel covers)."""
+    if image is None:
+        raise ValueError(f"{name}: upload an image first.")
+    channels, height, width = shape
+    array = to_uint8(np.asarray(image))
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    picture = Image.fromarray(array).convert("L" if channels == 1 else "RGB")
+    if picture.size != (width, height):
+        picture = picture.resize((width, height), Image.BOX)
+    fitted = np.array(picture)  # writable: torch refuses read-only arrays
+    return fitted[..., None] if channels == 1 else fitted
 
 
 def display_scale(size: int, pixels: int) -> int:
@@ -378,3 +466,9 @@ def progression_picture(generation: Generation) -> Image.Image:
     ]
     tiles = np.concatenate(rows)  # (2 * images * snapshots, H, W, C), row-major
     return make_grid(tiles, nrow=num_snapshots, scale=display_scale(tiles.shape[1], PROGRESSION_PIXELS))
+
+
+def interpolation_picture(images: np.ndarray, interpolants: np.ndarray) -> Image.Image:
+    """One row: image A, the decoded interpolants from lambda = 0 to 1, image B (paper Fig. 8)."""
+    row = np.concatenate([images[:1] / 255.0, interpolants, images[1:] / 255.0]).astype(np.float32)
+    return make_grid(row, nrow=len(row), scale=display_scale(row.shape[1], PROGRESSION_PIXELS))

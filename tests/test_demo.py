@@ -1,0 +1,140 @@
+"""The demo's engine and page, in-process on a tiny pipeline (no server, no browser)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddpm_plugin.demo.backends import (
+    NUM_SNAPSHOTS,
+    DemoEngine,
+    GenerationRequest,
+    gallery_images,
+    progression_picture,
+    unique_names,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pipeline_dir) -> DemoEngine:
+    return DemoEngine([tiny_pipeline_dir], max_images=6, num_threads=1, onnx=False)
+
+
+def request(**overrides) -> GenerationRequest:
+    fields = {"model": "pipeline", "backend": "pytorch", "sampler": "ddim", "num_inference_steps": 5,
+              "num_images": 3, "seed": 7}
+    return GenerationRequest(**{**fields, **overrides})
+
+
+def test_same_seed_gives_the_same_images_and_another_seed_other_images(engine):
+    first = engine.generate(request(seed=7)).images
+    again = engine.generate(request(seed=7)).images
+    other = engine.generate(request(seed=8)).images
+    assert first.shape == (3, 8, 8, 1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_ancestral_sampler_honours_the_variance_type(engine):
+    large = engine.generate(request(sampler="ddpm", variance_type="fixed_large", num_inference_steps=20)).images
+    small = engine.generate(request(sampler="ddpm", variance_type="fixed_small", num_inference_steps=20)).images
+    assert not np.allclose(large, small)
+
+
+def test_progress_is_reported_after_every_step(engine):
+    reported = []
+    engine.generate(request(num_inference_steps=12), on_step=lambda done, total: reported.append((done, total)))
+    assert reported == [(k, 12) for k in range(1, 13)]
+
+
+def test_progression_keeps_snapshots_from_the_first_to_the_last_step(engine):
+    generation = engine.generate(request(sampler="ddpm", num_inference_steps=50, num_images=5))
+    assert generation.x_t.shape == generation.pred_original_sample.shape == (NUM_SNAPSHOTS, 5, 8, 8, 1)
+    assert generation.timesteps[0] > generation.timesteps[-1] == 0
+    # After the last step x_t is the sample itself.
+    np.testing.assert_allclose(generation.x_t[-1], generation.images, atol=1e-6)
+    picture = progression_picture(generation)
+    # Four images, two rows each (x_t, predicted x_0), 8 snapshots, 8x8 tiles upscaled 8x with 1-pixel padding.
+    assert picture.size == (8 * 8 * 9 + 8, 8 * 8 * 9 + 8)
+
+
+def test_few_steps_give_one_snapshot_per_step(engine):
+    generation = engine.generate(request(num_inference_steps=2, num_images=1))
+    assert len(generation.timesteps) == 2
+
+
+def test_gallery_images_are_upscaled_with_crisp_pixels(engine):
+    images = engine.generate(request(num_images=2)).images
+    picture = np.asarray(gallery_images(images)[1])
+    assert picture.shape == (128, 128)
+    # Nearest neighbour: every 16x16 block is one source pixel.
+    np.testing.assert_array_equal(picture[::16, ::16], (images[1, ..., 0] * 255).round().astype(np.uint8))
+    assert (picture.reshape(8, 16, 8, 16).std(axis=(1, 3)) == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_inference_steps": 0}, "Steps must be in 1..1000, got 0"),
+        ({"num_inference_steps": 2000}, "Steps must be in 1..1000, got 2000"),
+        ({"num_inference_steps": 2.5}, "Steps must be a whole number"),
+        ({"num_images": 7}, "Number of images must be in 1..6, got 7"),
+        ({"num_images": 0}, "Number of images must be in 1..6, got 0"),
+        ({"seed": -1}, "Seed must be in 0..2147483647"),
+        ({"seed": None}, "Seed must be a whole number"),
+        ({"eta": 1.5}, "Eta must be a number in 0..1"),
+        ({"sampler": "euler"}, "Sampler must be one of ddpm, ddim"),
+        ({"variance_type": "learned"}, "Variance must be one of fixed_large, fixed_small"),
+        ({"backend": "tensorflow"}, "Backend must be one of onnxruntime, pytorch"),
+        ({"backend": "onnxruntime"}, "ONNX Runtime is not available for pipeline"),
+        ({"model": "/etc"}, "Unknown model '/etc'; choose one of: pipeline"),
+        ({"model": "../pipeline"}, "Unknown model"),
+    ],
+)
+def test_rejected_requests_name_the_control(engine, overrides, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        engine.generate(request(**overrides))
+
+
+def test_whole_number_floats_are_accepted_as_ints(engine):
+    checked = engine.check(request(num_inference_steps=5.0, num_images=2.0, seed=3.0))
+    assert (checked.num_inference_steps, checked.num_images, checked.seed) == (5, 2, 3)
+    assert all(isinstance(v, int) for v in (checked.num_inference_steps, checked.num_images, checked.seed))
+
+
+def test_models_are_offered_by_unique_base_name_only():
+    assert unique_names([Path("/a/digits"), Path("/b/digits"), Path("/c/mnist")]) == ["digits", "digits-2", "mnist"]
+
+
+def test_describe_lists_models_backends_and_limits(engine):
+    description = engine.describe()
+    assert list(description["models"]) == ["pipeline"]
+    assert description["backends"] == ["pytorch"]
+    assert description["limits"] == {"max_images": 6, "max_steps": 1000, "max_seed": 2**31 - 1}
+    assert str(engine.models["pipeline"].folder) not in str(description)  # no server paths leak
+
+
+def test_page_exposes_only_the_named_api(engine):
+    demo = pytest.importorskip("ddpm_plugin.demo.app").build_demo(engine)
+    public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert public == {"generate", "models"}
+
+
+def test_cli_demo_takes_repeated_models_and_an_address():
+    from ddpm_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--model", "a", "--model", "b", "--host", "0.0.0.0", "--port", "8000"])
+    assert (args.model, args.host, args.port, args.concurrency) == (["a", "b"], "0.0.0.0", 8000, 2)
+
+
+def test_app_runs_as_a_space_script():
+    result = subprocess.run([sys.executable, str(REPO / "demo" / "app.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=REPO / "demo")
+    assert result.returncode == 0, result.stderr
+    assert "--max-images" in result.stdout
