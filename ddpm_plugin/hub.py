@@ -1,0 +1,275 @@
+"""Publishing a trained pipeline to the Hugging Face Hub: a Hub-ready folder, then one commit.
+
+The Hub-ready folder holds what loads and nothing else:
+
+```
+model_index.json                 # stock classes: plain diffusers loads a DDPMPipeline
+unet/config.json, unet/diffusion_pytorch_model.safetensors
+scheduler/scheduler_config.json
+pipeline_ddpm_paper.py, ...      # the pipeline file and its siblings, for trust_remote_code
+onnx/                            # the ONNX export, when the pipeline folder has one
+samples.png                      # a sample grid
+README.md                        # the model card
+```
+
+Checkpoint folders, optimizer states, logs, TensorBoard runs and pickled weights are never copied, and the
+upload filters them out once more. The token comes from `HF_TOKEN` or the cached login and is handed to
+`huggingface_hub` only: nothing here prints or logs it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .model_card import load_evaluation_report, load_training_config, model_card
+
+CARD_FILE = "README.md"
+GRID_FILE = "samples.png"
+ONNX_FOLDER = "onnx"
+ONNX_FILES = ("model.onnx", "model.onnx.data", "ddpm_onnx.json", "scheduler/scheduler_config.json")
+DEFAULT_COMMIT_MESSAGE = f"Upload DDPM pipeline (ddpm-plugin {__version__})"
+GRID_IMAGES = 16  # samples in the card's grid
+GRID_TILE_PIXELS = 64  # small images are upscaled (nearest neighbour) to at least this size per sample
+# What may be uploaded, and what never is even if it matches (applied to repository paths with fnmatch).
+ALLOW_PATTERNS = (
+    "model_index.json", "*.py", "*/config.json", "*/scheduler_config.json", "*/*.safetensors",
+    *(f"{ONNX_FOLDER}/{name}" for name in ONNX_FILES), GRID_FILE, CARD_FILE,
+)
+IGNORE_PATTERNS = (
+    "*checkpoint*", "*optimizer*", "*scheduler.bin", "*random_states*", "*.pt", "*.pth", "*.bin", "*.pkl",
+    "*.pickle", "*.ckpt", "*.npz", "*tfevents*", "logs/*", "runs/*", "*/logs/*", "*/runs/*", ".*", "*/.*",
+)
+
+
+class HubPublishError(OSError):
+    """Publishing failed: no token, a rejected token, or the Hub did not confirm the commit."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What [`push_folder`] published.
+
+    Args:
+        url (`str`): The repository page (of the branch, when not `main`).
+        commit_url (`str`): The commit's page.
+        commit_oid (`str`): The commit hash.
+        files (`list[str]`): The repository paths in the commit.
+    """
+
+    url: str
+    commit_url: str
+    commit_oid: str
+    files: list[str]
+
+
+def is_publishable(path_in_repo: str) -> bool:
+    """Whether a repository path passes the allow-list and none of the ignore patterns."""
+    return any(fnmatch.fnmatch(path_in_repo, p) for p in ALLOW_PATTERNS) and not any(
+        fnmatch.fnmatch(path_in_repo, p) for p in IGNORE_PATTERNS
+    )
+
+
+def find_pipeline_folder(model_dir: str | os.PathLike) -> Path:
+    """`model_dir` if it is a pipeline folder, else the `pipeline/` folder of a `ddpm train` run folder."""
+    folder = Path(model_dir)
+    for candidate in (folder, folder / "pipeline"):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json) nor a training run with one.")
+
+
+def pipeline_files(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """The files of the loadable layout (and of `onnx/`) in a pipeline folder, by repository path.
+
+    Raises `FileNotFoundError` when `model_dir` is not a pipeline folder and `ValueError` when a component has
+    only pickled weights.
+    """
+    import json
+
+    folder = find_pipeline_folder(model_dir)
+    files = {"model_index.json": folder / "model_index.json"}
+    files.update({path.name: path for path in sorted(folder.glob("*.py"))})
+    model_index = json.loads((folder / "model_index.json").read_text())
+    for component, value in model_index.items():
+        if component.startswith("_") or not isinstance(value, list) or not (folder / component).is_dir():
+            continue
+        for path in sorted((folder / component).iterdir()):
+            if path.is_file() and path.suffix in (".json", ".safetensors"):
+                files[f"{component}/{path.name}"] = path
+        if any(p.suffix in (".bin", ".pt", ".ckpt") for p in (folder / component).iterdir()) and not any(
+            name.startswith(f"{component}/") and name.endswith(".safetensors") for name in files
+        ):
+            raise ValueError(f"{folder / component} has only pickled weights; re-save the pipeline (safetensors).")
+    onnx = folder / ONNX_FOLDER
+    if onnx.is_dir():
+        if not (onnx / "model.onnx").is_file():
+            raise FileNotFoundError(f"{onnx} has no model.onnx; re-export with `ddpm export`.")
+        files.update({f"{ONNX_FOLDER}/{name}": onnx / name for name in ONNX_FILES if (onnx / name).is_file()})
+    return {name: path for name, path in files.items() if is_publishable(name)}
+
+
+def sample_grid(model_dir: str | os.PathLike, output: str | os.PathLike, num_inference_steps: int = 1000,
+                seed: int = 0) -> None:
+    """Sample `GRID_IMAGES` images with the paper sampler and save them as one PNG grid."""
+    import torch
+
+    from .images import make_grid
+    from .sampling import load_pipeline
+
+    pipe = load_pipeline(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=GRID_IMAGES, generator=torch.manual_seed(seed), num_inference_steps=num_inference_steps,
+                  output_type="np").images
+    make_grid(images, scale=max(1, GRID_TILE_PIXELS // images.shape[1])).save(output)
+
+
+def build_hub_folder(
+    model_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    report: str | os.PathLike | None = None,
+    grid: str | os.PathLike | None = None,
+    grid_steps: int = 1000,
+    seed: int = 0,
+) -> list[str]:
+    r"""
+    Write the Hub-ready folder of a pipeline: its loadable layout, its ONNX export, a sample grid and the card.
+
+    Args:
+        model_dir (`str` or `os.PathLike`):
+            A folder written by [`DDPMPaperPipeline.save_pretrained`], optionally with an `onnx/` export, a
+            `training_config.json` (here or in the folder above) and `evaluation/report.json`.
+        output_dir (`str` or `os.PathLike`):
+            The folder to write; it must be empty or absent.
+        repo_id (`str`):
+            The Hub repository, `"user/name"`, named in the card's examples.
+        report (`str` or `os.PathLike`, *optional*):
+            An evaluation report JSON; defaults to `model_dir/evaluation/report.json` when present.
+        grid (`str` or `os.PathLike`, *optional*):
+            A PNG to publish as the sample grid. When not given, `GRID_IMAGES` samples are drawn.
+        grid_steps (`int`, *optional*, defaults to 1000):
+            Denoising steps for the drawn grid.
+        seed (`int`, *optional*, defaults to 0):
+            Seed for the drawn grid.
+
+    Returns:
+        `list[str]`: the repository paths written, sorted.
+    """
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} is not empty; the Hub-ready folder needs a fresh one.")
+    model_dir = find_pipeline_folder(model_dir)
+    files = pipeline_files(model_dir)
+    for name, source in files.items():
+        (output / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, output / name)
+    if grid is not None:
+        shutil.copyfile(grid, output / GRID_FILE)
+        caption = f"Samples from this pipeline ({Path(grid).name})."
+    else:
+        sample_grid(model_dir, output / GRID_FILE, num_inference_steps=grid_steps, seed=seed)
+        caption = f"{GRID_IMAGES} samples, seed {seed}, {grid_steps} ancestral sampling steps (Algorithm 2)."
+    card = model_card(
+        model_dir, repo_id,
+        report=load_evaluation_report(model_dir, report),
+        training_config=load_training_config(model_dir),
+        grid_file=GRID_FILE, grid_caption=caption,
+        has_onnx=any(name.startswith(f"{ONNX_FOLDER}/") for name in files),
+    )
+    card.save(output / CARD_FILE)
+    return sorted([*files, GRID_FILE, CARD_FILE])
+
+
+def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """The `(repository path, size in bytes)` of every file of `folder` that an upload would send."""
+    root = Path(folder)
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return [(path, (root / path).stat().st_size) for path in paths if is_publishable(path)]
+
+
+def resolve_token(token: str | None = None) -> str:
+    """`token`, else `HF_TOKEN`, else the cached login (`hf auth login`); a clear error when there is none."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubPublishError(
+            "no Hugging Face token found: set HF_TOKEN to a token with write access or run `hf auth login`."
+        )
+    return token
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> PushResult:
+    r"""
+    Upload a Hub-ready folder in one commit, creating the repository (and the branch) if missing.
+
+    Args:
+        folder (`str` or `os.PathLike`): A folder written by [`build_hub_folder`].
+        repo_id (`str`): `"user/name"` or `"organization/name"`.
+        private (`bool`, *optional*, defaults to `False`): Create the repository private (an existing one keeps
+            its visibility).
+        revision (`str`, *optional*): The branch to commit to; created from `main` if missing. Defaults to `main`.
+        commit_message (`str`, *optional*): The commit's summary.
+        token (`str`, *optional*): A token; defaults to `HF_TOKEN` or the cached login.
+
+    Returns:
+        [`PushResult`]: the URLs and the files of the commit, once the Hub has confirmed it.
+
+    Raises:
+        [`HubPublishError`]: no token, a rejected token, or any failure before the Hub confirmed the commit.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+    if "/" not in repo_id:
+        raise ValueError(f"`repo_id` must be 'user/name' or 'organization/name', got {repo_id!r}.")
+    plan = upload_plan(folder)
+    if CARD_FILE not in dict(plan) or "model_index.json" not in dict(plan):
+        raise FileNotFoundError(f"{folder} is not a Hub-ready folder (README.md and model_index.json expected).")
+    api = HfApi(token=resolve_token(token))
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=Path(folder) / path) for path, _ in plan]
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.create_commit(
+            repo_id, operations, revision=revision,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+        )
+    except HfHubHTTPError as error:
+        raise HubPublishError(_explain(error, repo_id)) from error
+    except Exception as error:  # unreachable Hub, a failed LFS transfer, a malformed answer
+        raise HubPublishError(
+            f"the upload to {repo_id} failed before the Hub confirmed the commit ({type(error).__name__}: {error});"
+            " nothing was published."
+        ) from error
+    url = str(repo_url) if revision in (None, "main") else f"{repo_url}/tree/{revision}"
+    return PushResult(url=url, commit_url=commit.commit_url, commit_oid=commit.oid, files=[p for p, _ in plan])
+
+
+def _explain(error, repo_id: str) -> str:
+    """A message for an HTTP error of the Hub that names the cause, never the token."""
+    status = error.response.status_code if error.response is not None else None
+    if status == 401:
+        return ("the Hub rejected the token (401 Unauthorized): it is invalid or expired. Set HF_TOKEN to a valid "
+                "token with write access or run `hf auth login`. Nothing was published.")
+    if status == 403:
+        return f"the token may not write to {repo_id} (403 Forbidden): use a token with write access. Nothing was published."
+    detail = f": {error.server_message}" if getattr(error, "server_message", None) else ""
+    return f"the Hub did not confirm the commit to {repo_id} (HTTP {status}{detail}); nothing was published."

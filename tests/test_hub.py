@@ -1,0 +1,364 @@
+"""Hub publishing against a loopback Hub (`tests/hub_server.py`) with the real `huggingface_hub` client.
+
+The main push runs `ddpm push` in a subprocess with `HF_ENDPOINT`, `HF_TOKEN` and a fresh `HF_HOME`, and the
+published repository is loaded back in another subprocess where `ddpm_plugin` cannot be imported, through the
+real download path (`model_info`, tree listing, `resolve`). The error cases run `ddpm push` in-process with
+`huggingface_hub`'s import-time settings (endpoint, offline mode, Xet, token path) pointed at the loopback Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hub_server import LoopbackHub
+
+TOKEN = "hf_loopbackTestToken7c1e5a9d3b"
+REPO_ID = "tester/tiny-ddpm"
+COMMIT_MESSAGE = "Publish the tiny digits DDPM"
+REPORT = {"bits_per_dim": 4.125, "fid": 12.5, "inception_score": 2.25, "num_samples": 512}
+DDPM = shutil.which("ddpm") or str(Path(sys.executable).with_name("ddpm"))  # the installed console script
+FORBIDDEN = ("checkpoint", "optimizer", "tfevents", ".bin", ".pt", ".pkl", "log", "random_states")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """A `ddpm train` run folder around the tiny pipeline, littered with what must never be published (some of
+    it holding the token), with an ONNX stand-in, an evaluation report and the real training config."""
+    from ddpm_plugin.training import TrainingConfig
+
+    run = tmp_path_factory.mktemp("run")
+    pipeline = run / "pipeline"
+    shutil.copytree(tiny_pipeline_dir, pipeline)
+    shutil.copyfile(pipeline / "unet" / "diffusion_pytorch_model.safetensors",
+                    pipeline / "unet" / "diffusion_pytorch_model.non_ema.safetensors")
+    config = TrainingConfig(preset="digits", max_steps=1234, output_dir=str(run)).resolve()
+    (run / "training_config.json").write_text(json.dumps(asdict(config)))
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "report.json").write_text(json.dumps(REPORT))
+    litter = {
+        run / "checkpoints" / "checkpoint-1000" / "model.safetensors": b"weights",
+        run / "checkpoints" / "checkpoint-1000" / "optimizer.bin": b"adam",
+        run / "tensorboard" / "events.out.tfevents.1.host": TOKEN.encode(),
+        pipeline / "checkpoint-500" / "model.safetensors": b"weights",
+        pipeline / "optimizer.pt": b"adam",
+        pipeline / "random_states_0.pkl": b"rng",
+        pipeline / "unet" / "diffusion_pytorch_model.bin": b"pickle",
+        pipeline / "unet" / "optimizer.safetensors": b"adam",
+        pipeline / "logs" / "train.log": f"login with {TOKEN}".encode(),
+        pipeline / ".env": f"HF_TOKEN={TOKEN}".encode(),
+        pipeline / "onnx" / "export.log": TOKEN.encode(),
+        # A stand-in for `ddpm export --output DIR/onnx`; the real export is tested by the ONNX suite.
+        pipeline / "onnx" / "model.onnx": np.random.default_rng(0).bytes(4096),
+        pipeline / "onnx" / "ddpm_onnx.json": b'{"format": 1}',
+        pipeline / "onnx" / "scheduler" / "scheduler_config.json": (pipeline / "scheduler" / "scheduler_config.json").read_bytes(),
+    }
+    for path, content in litter.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return run
+
+
+@pytest.fixture(scope="module")
+def grid_png(tmp_path_factory) -> Path:
+    from ddpm_plugin.images import make_grid
+
+    path = tmp_path_factory.mktemp("grid") / "grid.png"
+    make_grid(np.random.default_rng(0).random((16, 8, 8, 1)), scale=8).save(path)
+    return path
+
+
+def expected_files(run: Path) -> set[str]:
+    pipeline = run / "pipeline"
+    return {
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors", "scheduler/scheduler_config.json",
+        "onnx/model.onnx", "onnx/ddpm_onnx.json", "onnx/scheduler/scheduler_config.json",
+        "samples.png", "README.md", *(p.name for p in pipeline.glob("*.py")),
+    }
+
+
+def hub_env(hub: LoopbackHub, home: Path, token: str | None = TOKEN) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_OFFLINE="0",
+               HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return env
+
+
+@pytest.fixture(scope="module")
+def published(run_dir, grid_png, tmp_path_factory):
+    """`ddpm push` of the run folder to the loopback Hub, in a subprocess; the Hub stays up for loading back."""
+    tmp = tmp_path_factory.mktemp("published")
+    with LoopbackHub(tmp / "storage", TOKEN) as hub:
+        result = subprocess.run(
+            [DDPM, "push", "--model", str(run_dir), "--repo-id", REPO_ID,
+             "--commit-message", COMMIT_MESSAGE, "--grid", str(grid_png)],
+            env=hub_env(hub, tmp / "home"), capture_output=True, text=True, timeout=120, cwd=tmp,
+        )
+        yield hub, result, tmp
+
+
+def test_push_uploads_the_hub_ready_folder_in_one_commit(published, run_dir, grid_png):
+    hub, result, _ = published
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(f": {hub.endpoint}/{REPO_ID}")
+    assert len(hub.commits) == 1
+    commit = hub.commits[0]
+    assert (commit.repo_id, commit.revision, commit.summary) == (REPO_ID, "main", COMMIT_MESSAGE)
+    assert set(commit.paths) == expected_files(run_dir)
+    files = hub.files(REPO_ID)
+    pipeline = run_dir / "pipeline"
+    for path in expected_files(run_dir) - {"README.md", "samples.png"}:
+        assert files[path] == (pipeline / path).read_bytes(), path
+    assert files["samples.png"] == grid_png.read_bytes()
+    # Weights, ONNX and images travel through LFS, as on the Hub.
+    assert {"unet/diffusion_pytorch_model.safetensors", "onnx/model.onnx", "samples.png"} <= hub.repos[REPO_ID]["branches"]["main"].lfs
+
+
+def test_push_publishes_no_checkpoint_log_or_token(published):
+    hub, result, tmp = published
+    for path in hub.files(REPO_ID):
+        assert not any(word in path for word in FORBIDDEN), path
+    assert TOKEN.encode() not in hub.uploaded_bytes()
+    assert TOKEN not in result.stdout + result.stderr
+    stored = [p for p in hub.storage_folder(REPO_ID).rglob("*") if p.is_file()]
+    assert stored and all(TOKEN.encode() not in p.read_bytes() for p in stored)
+
+
+def test_published_card_is_valid_hub_metadata(published, run_dir):
+    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub.repocard import metadata_load
+
+    hub, _, _ = published
+    readme = hub.storage_folder(REPO_ID) / "README.md"
+    metadata = metadata_load(readme)
+    assert metadata["library_name"] == "diffusers"
+    assert metadata["pipeline_tag"] == "unconditional-image-generation"
+    assert metadata["license"] == "apache-2.0"
+    assert {"ddpm", "diffusers", "onnx", "digits"} <= set(metadata["tags"])
+    data = ModelCardData(**metadata)  # strict: raises on a malformed model-index
+    results = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert results == {k: REPORT[k] for k in ("bits_per_dim", "fid", "inception_score")}
+    card = ModelCard(readme.read_text())
+    text = card.text
+    assert "![Samples](samples.png)" in text
+    assert f'DiffusionPipeline.from_pretrained("{REPO_ID}")' in text
+    assert 'custom_pipeline="pipeline_ddpm_paper", trust_remote_code=True' in text
+    assert "DDPMPaperPipeline.from_pretrained" in text and "OnnxDDPMPipeline.from_pretrained" in text
+    assert "1,234 steps" in text and "scikit-learn's 8x8 digits" in text
+    assert "| NLL, variational bound (bits/dim, lower is better) | 4.125 |" in text
+    assert str(run_dir) not in text  # no local paths of the trainer's machine
+
+
+LOAD_BACK = """
+import importlib.abc, json, sys
+
+class BlockPlugin(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "ddpm_plugin" or name.startswith("ddpm_plugin."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+blocker = BlockPlugin()
+sys.meta_path.insert(0, blocker)
+try:
+    import ddpm_plugin
+    plugin_importable = True
+except ModuleNotFoundError:
+    plugin_importable = False
+
+import torch
+from diffusers import DiffusionPipeline
+from huggingface_hub import ModelCard
+
+torch.set_num_threads(1)
+repo = sys.argv[1]
+stock = DiffusionPipeline.from_pretrained(repo)
+try:
+    DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_ddpm_paper")
+    remote_code_gated = False
+except ValueError as error:
+    remote_code_gated = "trust_remote_code" in str(error)
+paper = DiffusionPipeline.from_pretrained(repo, custom_pipeline="pipeline_ddpm_paper", trust_remote_code=True)
+images = {}
+for name, pipe in (("stock", stock), ("paper", paper)):
+    pipe.set_progress_bar_config(disable=True)
+    images[name] = pipe(batch_size=2, num_inference_steps=3, generator=torch.manual_seed(0), output_type="np").images
+loaded = {name: sys.modules.get(name) is not None for name in list(sys.modules) if name.startswith("ddpm_plugin")}
+sys.meta_path.remove(blocker)
+from ddpm_plugin import DDPMPaperPipeline
+plugin = DDPMPaperPipeline.from_pretrained(repo)
+print(json.dumps({
+    "plugin_importable": plugin_importable,
+    "plugin_modules_loaded_while_blocked": sorted(loaded),
+    "stock_class": type(stock).__name__, "stock_module": type(stock).__module__,
+    "paper_class": type(paper).__name__, "paper_module": type(paper).__module__,
+    "plugin_class": type(plugin).__name__,
+    "remote_code_gated": remote_code_gated,
+    "unet_sum": float(sum(p.double().sum() for p in stock.unet.parameters())),
+    "same_images": bool((images["stock"] == images["paper"]).all()),
+    "card_library": ModelCard.load(repo).data.library_name,
+}))
+"""
+
+
+def test_published_repo_loads_with_plain_diffusers_without_the_plugin(published, run_dir):
+    from safetensors.numpy import load_file
+
+    hub, _, tmp = published
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LOAD_BACK), REPO_ID],
+        env=hub_env(hub, tmp / "fresh-home", token=None), capture_output=True, text=True, timeout=180, cwd=tmp,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["plugin_importable"] is False
+    assert loaded["plugin_modules_loaded_while_blocked"] == []
+    assert (loaded["stock_class"], loaded["stock_module"].split(".")[0]) == ("DDPMPipeline", "diffusers")
+    assert loaded["paper_class"] == "DDPMPaperPipeline"
+    assert not loaded["paper_module"].startswith("ddpm_plugin")  # diffusers' dynamic module from the repo
+    assert loaded["plugin_class"] == "DDPMPaperPipeline"
+    assert loaded["remote_code_gated"] is True
+    assert loaded["same_images"] is True
+    assert loaded["card_library"] == "diffusers"
+    weights = load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert loaded["unet_sum"] == pytest.approx(sum(float(w.astype(np.float64).sum()) for w in weights.values()), rel=1e-9)
+    # Everything was fetched through the Hub's download endpoints.
+    assert any(r.path.startswith(f"/{REPO_ID}/resolve/") for r in hub.requests)
+
+
+# --- In-process: `ddpm push` with huggingface_hub's import-time settings pointed at a loopback Hub. ---
+
+
+@pytest.fixture
+def loopback_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    with LoopbackHub(tmp_path / "storage", TOKEN) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            monkeypatch.delenv(name, raising=False)
+        yield hub
+
+
+def ddpm_push(*args: str) -> int:
+    from ddpm_plugin.cli import main
+
+    return main(["push", *args])
+
+
+def assert_nothing_published(hub: LoopbackHub, output: str) -> None:
+    assert hub.commits == []
+    assert hub.endpoint not in output  # no URL reported
+    assert not hub.storage.exists() or not any(p.is_file() for p in hub.storage.rglob("*"))
+    assert TOKEN not in output
+
+
+def test_rejected_token_is_a_clear_error_and_publishes_nothing(loopback_hub, run_dir, grid_png, monkeypatch, capfd, caplog):
+    monkeypatch.setenv("HF_TOKEN", "hf_revokedTokenThatTheHubRejects")
+    code = ddpm_push("--model", str(run_dir), "--repo-id", REPO_ID, "--grid", str(grid_png))
+    out, err = capfd.readouterr()
+    assert code != 0
+    assert "rejected the token (401" in err
+    assert_nothing_published(loopback_hub, out + err + caplog.text)
+    assert "hf_revokedTokenThatTheHubRejects" not in out + err + caplog.text
+
+
+def test_missing_token_is_a_clear_error(loopback_hub, run_dir, grid_png, capfd):
+    code = ddpm_push("--model", str(run_dir), "--repo-id", REPO_ID, "--grid", str(grid_png))
+    out, err = capfd.readouterr()
+    assert code != 0
+    assert "no Hugging Face token found" in err and "HF_TOKEN" in err
+    assert loopback_hub.requests == []
+
+
+def test_server_failure_mid_upload_reports_nothing_published(loopback_hub, run_dir, grid_png, monkeypatch, capfd, caplog):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    loopback_hub.fail_commit_with = 500
+    code = ddpm_push("--model", str(run_dir), "--repo-id", REPO_ID, "--grid", str(grid_png))
+    out, err = capfd.readouterr()
+    assert code != 0
+    assert "did not confirm the commit" in err and "nothing was published" in err
+    assert loopback_hub.lfs_objects  # the weights had been uploaded when the commit failed
+    assert_nothing_published(loopback_hub, out + err + caplog.text)
+
+
+def test_push_to_a_branch_of_a_private_repo_with_the_cached_login(loopback_hub, run_dir, grid_png, capfd):
+    from huggingface_hub import constants
+
+    Path(constants.HF_TOKEN_PATH).parent.mkdir(parents=True)
+    Path(constants.HF_TOKEN_PATH).write_text(TOKEN)
+    code = ddpm_push("--model", str(run_dir / "pipeline"), "--repo-id", REPO_ID, "--grid", str(grid_png),
+                     "--private", "--revision", "dev")
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert out.strip().endswith(f": {loopback_hub.endpoint}/{REPO_ID}/tree/dev")
+    assert loopback_hub.repos[REPO_ID]["private"] is True
+    assert [c.revision for c in loopback_hub.commits] == ["dev"]
+    assert loopback_hub.files(REPO_ID, "main") == {}
+    assert set(loopback_hub.files(REPO_ID, "dev")) == expected_files(run_dir)
+    assert "Upload DDPM pipeline (ddpm-plugin" in loopback_hub.commits[0].summary
+    assert TOKEN not in out + err
+
+
+def test_dry_run_lists_files_with_sizes_and_sends_nothing(loopback_hub, run_dir, grid_png, capfd):
+    code = ddpm_push("--model", str(run_dir), "--repo-id", REPO_ID, "--grid", str(grid_png), "--dry-run")
+    out, _ = capfd.readouterr()
+    assert code == 0
+    assert loopback_hub.requests == []
+    listed = dict(line.strip("|").split("|")[:2] for line in out.splitlines() if line.startswith("| ") and "---" not in line)
+    listed = {path.strip(): int(size.strip().replace(",", "")) for path, size in listed.items() if path.strip() not in ("file", "total")}
+    assert set(listed) == expected_files(run_dir)
+    weights = run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert listed["unet/diffusion_pytorch_model.safetensors"] == weights.stat().st_size
+
+
+# --- The Hub-ready folder and the card, without any server. ---
+
+
+def test_hub_folder_samples_its_own_grid(tiny_pipeline_dir, tmp_path):
+    from PIL import Image
+
+    from ddpm_plugin.hub import build_hub_folder
+
+    files = build_hub_folder(tiny_pipeline_dir, tmp_path / "repo", REPO_ID, grid_steps=2)
+    assert "samples.png" in files and "onnx/model.onnx" not in files
+    with Image.open(tmp_path / "repo" / "samples.png") as grid:
+        assert grid.size == ((4 * 9 + 1) * 8, (4 * 9 + 1) * 8)  # 4x4 tiles of 8 px, 1 px padding, upscaled 8x
+    text = (tmp_path / "repo" / "README.md").read_text()
+    assert "16 samples, seed 0, 2 ancestral sampling steps" in text
+    assert "No evaluation report was supplied" in text and "No training configuration" in text
+    assert "onnxruntime" not in text.lower() and "datasets:" not in text
+
+
+def test_card_names_hub_datasets_and_hides_local_paths(tiny_pipeline_dir):
+    from ddpm_plugin.model_card import model_card
+
+    cifar = model_card(tiny_pipeline_dir, REPO_ID, training_config={"preset": "cifar10", "dataset": "cifar10"})
+    assert cifar.data.datasets == ["uoft-cs/cifar10"]
+    local = model_card(tiny_pipeline_dir, REPO_ID, training_config={"preset": "digits", "dataset": "/home/alice/scans/my-digits"})
+    assert "/home/alice" not in str(local) and "my-digits" in str(local)
+    assert local.data.datasets is None
+
+
+def test_pickled_weights_are_never_published(tiny_pipeline_dir, tmp_path):
+    from ddpm_plugin.hub import build_hub_folder
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_pipeline_dir, pickled)
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="only pickled weights"):
+        build_hub_folder(pickled, tmp_path / "repo", REPO_ID, grid_steps=2)
