@@ -128,9 +128,6 @@ class ImageMetrics:
         inception_weights: str | os.PathLike | None = None,
         splits: int = 10,
     ):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.inception import InceptionScore
-
         self.metrics = tuple(metrics)
         unknown = set(self.metrics) - set(METRICS)
         if unknown or not self.metrics:
@@ -139,19 +136,35 @@ class ImageMetrics:
             fid_network, is_network = inception_extractors(inception_weights)
         else:
             fid_network, is_network = feature_extractor, logits_extractor or feature_extractor
-        self.fid = FrechetInceptionDistance(feature=fid_network, reset_real_features=False) if "fid" in self.metrics else None
-        self.inception_score = InceptionScore(feature=is_network, splits=splits) if "inception_score" in self.metrics else None
+        self.fid_network, self.is_network, self.splits = fid_network, is_network, splits
+        self.fid = self.inception_score = None
+
+    def build_metrics(self, images: torch.Tensor) -> None:
+        """Create the torchmetrics objects on the first batch: they size their state by running the network
+        once on an image of the batch's shape."""
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+
+        if self.fid is None and "fid" in self.metrics:
+            self.fid = FrechetInceptionDistance(
+                feature=self.fid_network, reset_real_features=False, input_img_size=tuple(images.shape[1:])
+            )
+        if self.inception_score is None and "inception_score" in self.metrics:
+            self.inception_score = InceptionScore(feature=self.is_network, splits=self.splits)
 
     @torch.no_grad()
     def update_real(self, images: np.ndarray | torch.Tensor) -> None:
         """Add reference images (uint8 NHWC) to FID's real statistics."""
+        images = to_nchw_uint8(images)
+        self.build_metrics(images)
         if self.fid is not None:
-            self.fid.update(to_nchw_uint8(images), real=True)
+            self.fid.update(images, real=True)
 
     @torch.no_grad()
     def update_fake(self, images: np.ndarray | torch.Tensor) -> None:
         """Add generated images (uint8 NHWC) to FID's generated statistics and to the Inception Score."""
         images = to_nchw_uint8(images)
+        self.build_metrics(images)
         if self.fid is not None:
             self.fid.update(images, real=False)
         if self.inception_score is not None:
@@ -160,6 +173,8 @@ class ImageMetrics:
     @torch.no_grad()
     def compute(self) -> dict[str, float]:
         """`{"fid": ..., "inception_score": ..., "inception_score_std": ...}` for the metrics asked for."""
+        if self.fid is None and self.inception_score is None:
+            raise ValueError("no images were added: call `update_real` and `update_fake` first.")
         result: dict[str, float] = {}
         if self.fid is not None:
             result["fid"] = float(self.fid.compute())

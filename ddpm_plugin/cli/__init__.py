@@ -10,7 +10,7 @@ import argparse
 import sys
 from importlib import import_module
 
-SUBCOMMANDS = ("info", "sample", "demo", "train", "push", "export")
+SUBCOMMANDS = ("info", "sample", "demo", "train", "push", "export", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
