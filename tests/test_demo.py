@@ -13,7 +13,9 @@ from ddpm_plugin.demo.backends import (
     NUM_SNAPSHOTS,
     DemoEngine,
     GenerationRequest,
+    fit_image,
     gallery_images,
+    interpolation_picture,
     progression_picture,
     unique_names,
 )
@@ -108,6 +110,33 @@ def test_whole_number_floats_are_accepted_as_ints(engine):
     assert all(isinstance(v, int) for v in (checked.num_inference_steps, checked.num_images, checked.seed))
 
 
+def test_uploads_are_fitted_to_the_model_by_box_averaging():
+    upload = np.zeros((16, 24, 3), dtype=np.uint8)
+    upload[:, :12] = 255  # left half white
+    fitted = fit_image("Image", upload, (1, 8, 8))
+    assert fitted.shape == (8, 8, 1) and fitted.dtype == np.uint8
+    assert (fitted[:, :4] == 255).all() and (fitted[:, 4] == 0).all()
+    assert fit_image("Image", upload[:8, :8], (3, 8, 8)).shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="Image: upload an image first"):
+        fit_image("Image", None, (1, 8, 8))
+
+
+def test_interpolation_decodes_one_image_per_lambda(engine):
+    upload = (np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)
+    images, output = engine.interpolate("pipeline", upload, upload[::-1], timestep=20, num_lambdas=3, seed=0)
+    assert images.shape == (2, 8, 8, 1) and output.images.shape == (3, 8, 8, 1) and output.timestep == 20
+    assert interpolation_picture(images, output.images).size == (5 * 64 + 6 * 8, 64 + 16)
+    with pytest.raises(ValueError, match="Number of interpolants must be in 2..16, got 17"):
+        engine.interpolate("pipeline", upload, upload, timestep=20, num_lambdas=17, seed=0)
+
+
+def test_bits_per_dim_of_an_upload_is_rate_plus_distortion(engine):
+    upload = (np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)
+    fitted, output = engine.bits_per_dim("pipeline", upload, seed=0)
+    np.testing.assert_array_equal(fitted[..., 0], upload)
+    np.testing.assert_allclose(output.total_bpd, output.rate_bpd + output.decoder_bpd)
+
+
 def test_models_are_offered_by_unique_base_name_only():
     assert unique_names([Path("/a/digits"), Path("/b/digits"), Path("/c/mnist")]) == ["digits", "digits-2", "mnist"]
 
@@ -116,14 +145,14 @@ def test_describe_lists_models_backends_and_limits(engine):
     description = engine.describe()
     assert list(description["models"]) == ["pipeline"]
     assert description["backends"] == ["pytorch"]
-    assert description["limits"] == {"max_images": 6, "max_steps": 1000, "max_seed": 2**31 - 1}
+    assert description["limits"] == {"max_images": 6, "max_steps": 1000, "max_seed": 2**31 - 1, "max_lambdas": 16}
     assert str(engine.models["pipeline"].folder) not in str(description)  # no server paths leak
 
 
 def test_page_exposes_only_the_named_api(engine):
     demo = pytest.importorskip("ddpm_plugin.demo.app").build_demo(engine)
     public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
-    assert public == {"generate", "models"}
+    assert public == {"generate", "interpolate", "bits_per_dim", "models"}
 
 
 def test_cli_demo_takes_repeated_models_and_an_address():
@@ -133,6 +162,7 @@ def test_cli_demo_takes_repeated_models_and_an_address():
     assert (args.model, args.host, args.port, args.concurrency) == (["a", "b"], "0.0.0.0", 8000, 2)
 
 
+@pytest.mark.slow
 def test_app_runs_as_a_space_script():
     result = subprocess.run([sys.executable, str(REPO / "demo" / "app.py"), "--help"], capture_output=True,
                             text=True, timeout=120, cwd=REPO / "demo")
