@@ -1,0 +1,136 @@
+"""Training data: every source gives uint8 [C, H, W] images, mapped to [-1, 1]; bad data fails early, naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_plugin.data import load_image_dataset, to_model_range
+
+MNIST_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_train.npz"
+
+
+def write_images(folder: Path, count: int, size: int = 8, mode: str = "L") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        shape = (size, size) if mode == "L" else (size, size, 3)
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_digits_are_scaled_from_0_16_to_0_255():
+    from sklearn.datasets import load_digits
+
+    dataset = load_image_dataset("digits", image_size=8, channels=1)
+    raw = load_digits().images
+    assert len(dataset) == len(raw) == 1797
+    assert dataset[0].shape == (1, 8, 8) and dataset[0].dtype == torch.uint8
+    np.testing.assert_array_equal(dataset[5][0].numpy(), np.round(raw[5] * 255 / 16).astype(np.uint8))
+    assert int(dataset.images.max()) == 255 and int(dataset.images.min()) == 0
+
+
+def test_model_range_is_x_over_127_5_minus_1():
+    pixels = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
+    torch.testing.assert_close(to_model_range(pixels), pixels.double().div(127.5).sub(1).float(), rtol=0, atol=1e-7)
+    assert to_model_range(pixels).min() == -1 and to_model_range(pixels).max() == 1
+
+
+def test_npz_28x28_is_zero_padded_to_32(tmp_path):
+    images = np.random.default_rng(0).integers(1, 256, (5, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "small.npz", images=images, labels=np.arange(5))
+    dataset = load_image_dataset(str(tmp_path / "small.npz"), image_size=32, channels=1)
+    item = dataset[3]
+    assert item.shape == (1, 32, 32)
+    np.testing.assert_array_equal(item[0, 2:30, 2:30].numpy(), images[3])
+    assert int(item[0, :2].sum()) == int(item[0, -2:].sum()) == int(item[0, :, :2].sum()) == 0
+
+
+@pytest.mark.skipif(not MNIST_TRAIN.is_file(), reason="the shared MNIST files are not on this machine")
+def test_mnist_dataset_reads_the_shared_npz_padded_to_32():
+    dataset = load_image_dataset("mnist", image_size=32, channels=1)
+    assert len(dataset) == 60000 and dataset[0].shape == (1, 32, 32)
+
+
+def test_npz_without_images_array_names_the_file(tmp_path):
+    np.savez(tmp_path / "wrong.npz", pixels=np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"wrong\.npz.*no `images` array"):
+        load_image_dataset(str(tmp_path / "wrong.npz"), image_size=8, channels=1)
+
+
+def test_truncated_npz_names_the_file(tmp_path):
+    np.savez(tmp_path / "cut.npz", images=np.zeros((50, 8, 8), np.uint8))
+    data = (tmp_path / "cut.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.npz"):
+        load_image_dataset(str(tmp_path / "cut.npz"), image_size=8, channels=1)
+
+
+def test_image_folder_is_read_recursively(tmp_path):
+    paths = write_images(tmp_path / "a", 3) + write_images(tmp_path / "a" / "sub", 2)
+    dataset = load_image_dataset(str(tmp_path / "a"), image_size=8, channels=1)
+    assert len(dataset) == 5
+    expected = np.asarray(Image.open(sorted(paths)[0]))
+    np.testing.assert_array_equal(dataset[0][0].numpy(), expected)
+
+
+def test_empty_folder_fails_naming_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: no image files"):
+        load_image_dataset(str(tmp_path / "empty"), image_size=8, channels=1)
+
+
+def test_unreadable_image_fails_naming_the_file(tmp_path):
+    write_images(tmp_path / "f", 3)
+    (tmp_path / "f" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(ValueError, match=r"broken\.png: unreadable image"):
+        load_image_dataset(str(tmp_path / "f"), image_size=8, channels=1)
+
+
+def test_wrong_channel_count_fails_naming_the_file(tmp_path):
+    write_images(tmp_path / "f", 2)
+    write_images(tmp_path / "f" / "rgb", 1, mode="RGB")
+    with pytest.raises(ValueError, match=r"rgb/img0\.png: image has 3 channel"):
+        load_image_dataset(str(tmp_path / "f"), image_size=8, channels=1)
+
+
+def test_mixed_sizes_fail_naming_the_file(tmp_path):
+    write_images(tmp_path / "f", 2)
+    Image.new("L", (9, 9)).save(tmp_path / "f" / "odd.png")
+    with pytest.raises(ValueError, match=r"odd\.png: image is 9x9"):
+        load_image_dataset(str(tmp_path / "f"), image_size=8, channels=1)
+
+
+def test_wrong_size_for_the_preset_fails(tmp_path):
+    write_images(tmp_path / "f", 2, size=8)
+    with pytest.raises(ValueError, match=r"img0\.png: images are 8x8, the preset needs 31x31"):
+        load_image_dataset(str(tmp_path / "f"), image_size=31, channels=1)
+    with pytest.raises(ValueError, match=r"images are 8x8, the preset needs 4x4"):
+        load_image_dataset(str(tmp_path / "f"), image_size=4, channels=1)
+
+
+def test_hf_dataset_on_disk_finds_the_image_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(4)]
+    table = datasets.Dataset.from_dict({"label": [0, 1, 2, 3], "picture_of_thing": images})
+    table = table.cast_column("picture_of_thing", datasets.Image())
+    table.save_to_disk(str(tmp_path / "saved"))
+    dataset = load_image_dataset(str(tmp_path / "saved"), image_size=8, channels=3)
+    assert len(dataset) == 4 and dataset.column == "picture_of_thing"
+    assert dataset[2].shape == (3, 8, 8) and int(dataset[2].float().mean()) == 20
+
+
+def test_hf_dataset_with_a_grayscale_row_in_rgb_data_names_the_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = [Image.new("RGB", (8, 8)), Image.new("L", (8, 8))]
+    table = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    table.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"saved row 1: image has 1 channel"):
+        load_image_dataset(str(tmp_path / "saved"), image_size=8, channels=3)

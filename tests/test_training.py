@@ -1,0 +1,195 @@
+"""Training: the recipe, mixed-precision-safe noising, batches by step, EMA, checkpoints, what a run leaves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_plugin.checkpoints import list_checkpoints, load_checkpoint, load_latest_checkpoint
+from ddpm_plugin.ema import ExponentialMovingAverage
+from ddpm_plugin.pipelines.diffusion_ops import q_sample
+from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
+from ddpm_plugin.scheduler import paper_scheduler
+from ddpm_plugin.training import NonFiniteLossError, TrainingConfig, batch_indices, learning_rate_at, train
+
+# A short digits run: small batches, no logging of images unless asked.
+QUICK = {"preset": "digits", "batch_size": 8, "log_every": 1, "log_with": "none", "checkpointing_steps": 2}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own `Accelerator`; drop accelerate's process-wide singletons between tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 4-step digits run with TensorBoard, sample grids and at most 2 checkpoints kept."""
+    output = tmp_path_factory.mktemp("run")
+    config = TrainingConfig(**{**QUICK, "log_with": "tensorboard", "checkpointing_steps": 1}, output_dir=str(output),
+                            max_steps=4, sample_every=2, num_sample_images=4, sample_inference_steps=5,
+                            checkpoints_total_limit=2)
+    result = train(config)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return output, result
+
+
+def test_stock_add_noise_in_bf16_adds_no_noise_at_small_t_while_q_sample_does():
+    scheduler = paper_scheduler("digits")
+    diffusion = GaussianDiffusion.from_config(scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    x_start = torch.rand(10, 1, 8, 8, generator=generator).mul(2).sub(1).bfloat16()
+    noise = torch.randn(10, 1, 8, 8, generator=generator).bfloat16()
+    t = torch.arange(10)  # t < 10: 1 - alpha_bar_t < 1e-3, below bf16's resolution near 1
+
+    stock = scheduler.add_noise(x_start, noise, t)  # diffusers casts alpha_bar_t to the sample's dtype
+    assert torch.equal(stock, x_start), "stock add_noise was expected to leave bf16 samples unchanged at t < 10"
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = q_sample(diffusion, x_start, t, noise)
+    assert ours.dtype == torch.float32
+    expected = (torch.from_numpy(diffusion.sqrt_alphas_cumprod[:10])[:, None, None, None] * x_start.double()
+                + torch.from_numpy(diffusion.sqrt_one_minus_alphas_cumprod[:10])[:, None, None, None] * noise.double())
+    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=1e-6)
+    assert (ours - x_start.float()).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # noise at every t, even t = 0
+
+
+def test_config_takes_recipe_values_from_the_preset_unless_overridden():
+    config = TrainingConfig(preset="cifar10").resolve()
+    assert (config.learning_rate, config.batch_size, config.warmup_steps, config.ema_decay) == (2e-4, 128, 5000, 0.9999)
+    assert (config.dropout, config.random_flip, config.grad_clip_norm, config.dataset) == (0.1, True, 1.0, "cifar10")
+    assert TrainingConfig(preset="celebahq").resolve().learning_rate == 2e-5
+    assert TrainingConfig(preset="digits").resolve().random_flip is False
+    assert TrainingConfig(preset="cifar10", learning_rate=1e-4, random_flip=False).resolve().random_flip is False
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainingConfig(max_steps=0).resolve()
+
+
+def test_learning_rate_warms_up_linearly_then_stays_constant():
+    config = TrainingConfig(preset="cifar10").resolve()
+    assert learning_rate_at(0, config) == pytest.approx(2e-4 / 5000)
+    assert learning_rate_at(2499, config) == pytest.approx(1e-4)
+    assert learning_rate_at(4999, config) == learning_rate_at(100_000, config) == 2e-4
+
+
+def test_batches_are_disjoint_per_process_and_a_function_of_the_step():
+    kwargs = {"seed": 3, "num_images": 100, "global_batch": 20}
+    epoch = [batch_indices(s, rank=r, world_size=2, **kwargs) for s in range(5) for r in range(2)]
+    assert torch.equal(torch.cat(epoch).sort().values, torch.arange(100))  # one epoch: every image exactly once
+    assert not torch.equal(batch_indices(5, rank=0, world_size=2, **kwargs), epoch[0])  # a new order next epoch
+    # resuming at step 7 needs no iteration over steps 0..6: the same call gives the same images
+    assert torch.equal(batch_indices(7, rank=1, world_size=2, **kwargs), batch_indices(7, rank=1, world_size=2, **kwargs))
+    assert torch.equal(batch_indices(7, rank=0, world_size=1, **kwargs)[10:], batch_indices(7, rank=1, world_size=2, **kwargs))
+
+
+def test_ema_applies_its_fixed_decay_from_step_zero():
+    param = torch.nn.Parameter(torch.zeros(3))
+    ema = ExponentialMovingAverage([param], decay=0.9)
+    with torch.no_grad():
+        param.fill_(1.0)
+    ema.update([param])  # diffusers' EMAModel would use min(0.9, 1/10) = 0.1 here
+    torch.testing.assert_close(ema.shadow[0], torch.full((3,), 0.1))
+    ema.update([param])
+    torch.testing.assert_close(ema.shadow[0], torch.full((3,), 0.19))
+
+
+def test_run_leaves_pipeline_checkpoints_tensorboard_and_samples(finished_run):
+    from diffusers import DiffusionPipeline, UNet2DModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ddpm_plugin import DDPMPaperPipeline
+
+    output, result = finished_run
+    assert result.step == 4
+    pipe = DDPMPaperPipeline.from_pretrained(output / "pipeline")
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, result.ema_unet.state_dict()[name]), name
+    raw = UNet2DModel.from_pretrained(output / "pipeline" / "unet", variant="non_ema")
+    assert all(torch.equal(v, result.unet.state_dict()[k]) for k, v in raw.state_dict().items())
+    assert not torch.equal(raw.conv_in.weight, pipe.unet.conv_in.weight)
+    assert type(DiffusionPipeline.from_pretrained(output / "pipeline")).__name__ == "DDPMPipeline"
+    assert not any("checkpoint" in p.name for p in (output / "pipeline").rglob("*"))
+
+    assert [p.name for p in list_checkpoints(output / "checkpoints")] == ["checkpoint-00000003", "checkpoint-00000004"]
+    suffixes = {p.suffix for p in (output / "checkpoints").rglob("*") if p.is_file()}
+    assert suffixes == {".safetensors", ".json"}  # nothing pickled
+    state = load_checkpoint(output / "checkpoints" / "checkpoint-00000004").trainer_state
+    assert state["step"] == 4 and state["config"]["batch_size"] == 8 and state["data_position"]["micro_step"] == 4
+    assert json.loads((output / "training_config.json").read_text())["ema_decay"] == 0.995
+
+    assert sorted(p.name for p in (output / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
+    events = EventAccumulator(str(next((output / "tensorboard").rglob("events.out.tfevents*")).parent)).Reload()
+    assert {"loss", "lr", "grad_norm"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert "samples" in events.Tags()["images"]
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    straight = train(TrainingConfig(**QUICK, output_dir=str(tmp_path / "a"), max_steps=4))
+    train(TrainingConfig(**QUICK, output_dir=str(tmp_path / "b"), max_steps=2))
+    resumed = train(TrainingConfig(**QUICK, output_dir=str(tmp_path / "b"), max_steps=4, resume_from_checkpoint="latest"))
+    for model in ("unet", "ema_unet"):
+        a, b = getattr(straight, model).state_dict(), getattr(resumed, model).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), model
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path):
+    output, _ = finished_run
+    checkpoints = shutil.copytree(output / "checkpoints", tmp_path / "checkpoints")
+    latest = checkpoints / "checkpoint-00000004" / "optimizer.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated
+    (checkpoints / ".tmp-checkpoint-00000005-1").mkdir()  # a write killed half-way is ignored
+    with pytest.warns(UserWarning, match=r"checkpoint-00000004: optimizer\.safetensors does not match its checksum"):
+        checkpoint = load_latest_checkpoint(checkpoints)
+    assert checkpoint.step == 3
+    (checkpoints / "checkpoint-00000003" / "manifest.json").unlink()
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 2 checkpoints is usable"):
+        load_latest_checkpoint(checkpoints)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = {**QUICK, "output_dir": str(tmp_path), "checkpointing_steps": 1}
+    train(TrainingConfig(**config, max_steps=2))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step (\d+).*last good checkpoint is .*checkpoint-") as error:
+        train(TrainingConfig(**config, max_steps=20, learning_rate=1e20, warmup_steps=0, resume_from_checkpoint="latest"))
+    bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+    kept = list_checkpoints(tmp_path / "checkpoints")
+    assert int(kept[-1].name.split("-")[1]) == bad_step - 1
+    last = load_checkpoint(kept[-1])
+    assert all(torch.isfinite(v).all() for v in [*last.model.values(), *last.ema.values()])
+
+
+def test_every_config_field_is_a_ddpm_train_flag_with_help():
+    from ddpm_plugin.cli import build_parser
+
+    parser = build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train_parser._actions}
+    for field in fields(TrainingConfig):
+        assert field.name in actions, field.name
+        assert actions[field.name].help, field.name
+    args = parser.parse_args(["train", "--preset", "digits", "--no-random-flip", "--learning-rate", "3e-4"])
+    assert (args.random_flip, args.learning_rate, args.ema_decay) == (False, 3e-4, None)
+
+
+def test_ddpm_train_on_bad_data_fails_naming_the_file(tmp_path, capsys):
+    from ddpm_plugin.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bad.png").write_bytes(b"nope")
+    code = main(["train", "--preset", "digits", "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o")])
+    assert code == 2
+    assert "bad.png: unreadable image" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "checkpoints").exists()
