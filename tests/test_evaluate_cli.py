@@ -9,25 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from evaluation_fixtures import InceptionLike, one_thread  # noqa: F401 (one_thread: autouse fixture)
 from ddpm_plugin.cli import main
 from ddpm_plugin.evaluation import EvaluationConfig, evaluate
 from ddpm_plugin.metrics import INCEPTION_WEIGHTS_ENV
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class InceptionLike(torch.nn.Module):
-    """The calling convention of NVIDIA's TorchScript Inception, on tiny features."""
-
-    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 2).flatten(1)
-        return pooled if return_features else torch.softmax(pooled * 10.0, dim=1)
 
 
 def test_evaluate_writes_bits_per_dim_report_and_figures(tiny_pipeline_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from evaluation_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from ddpm_plugin.figures import (
     interpolation_strip,
     plot_rate_distortion,
@@ -16,14 +17,6 @@ from ddpm_plugin.figures import (
     save_figure,
 )
 from ddpm_plugin.pipelines.pipeline_ddpm_paper import RateDistortionOutput
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

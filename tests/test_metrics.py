@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation_fixtures import InceptionLike, one_thread  # noqa: F401 (one_thread: autouse fixture)
 from ddpm_plugin.metrics import (
     INCEPTION_WEIGHTS_ENV,
     ImageMetrics,
@@ -28,17 +29,6 @@ class BrightnessClassifier(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         quartile = (images.float().mean(dim=(1, 2, 3)) / 64).long().clamp(max=3)
         return torch.nn.functional.one_hot(quartile, 4).float() * 50.0
-
-
-class InceptionLike(torch.nn.Module):
-    """The calling convention of NVIDIA's TorchScript Inception, on tiny features."""
-
-    def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
-        assert x.shape[1] == 3
-        pooled = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 2).flatten(1)
-        if return_features:
-            return pooled
-        return torch.softmax(pooled * 10.0, dim=1)
 
 
 def random_images(seed: int, n: int = 64, low: int = 0, high: int = 256) -> np.ndarray:

@@ -12,6 +12,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from conftest import make_tiny_pipeline
+from evaluation_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from ddpm_plugin import DDPMPaperPipeline, GaussianDiffusion, paper_scheduler
 from ddpm_plugin.pipelines.variational_bound import (
     approx_standard_normal_cdf,
@@ -24,15 +25,6 @@ from ddpm_plugin.pipelines.variational_bound import (
 
 DECODER_SIGMA = 0.0073846  # sqrt(beta_tilde_1) of the paper's schedule, to the 5 digits DESIGN quotes
 LN2 = math.log(2.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: a second intra-op thread only adds contention for these small networks.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
