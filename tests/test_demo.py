@@ -121,6 +121,12 @@ def test_uploads_are_fitted_to_the_model_by_box_averaging():
         fit_image("Image", None, (1, 8, 8))
 
 
+def test_a_gallery_picture_fits_back_to_the_sample_it_shows(engine):
+    images = engine.generate(request(num_images=1)).images
+    fitted = fit_image("Image", np.asarray(gallery_images(images)[0].convert("RGB")), (1, 8, 8))
+    np.testing.assert_array_equal(fitted[..., 0], (images[0, ..., 0] * 255).round().astype(np.uint8))
+
+
 def test_interpolation_decodes_one_image_per_lambda(engine):
     upload = (np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)
     images, output = engine.interpolate("pipeline", upload, upload[::-1], timestep=20, num_lambdas=3, seed=0)

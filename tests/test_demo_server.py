@@ -279,7 +279,21 @@ def drive_page(page, server: DemoServer, test_output_dir: Path, expect) -> None:
     assert any(not np.array_equal(a, b) for a, b in zip(first, other))
     expect(page.locator("#progression img")).to_be_visible()
     page.screenshot(path=str(test_output_dir / "demo_browser.png"), full_page=True)
-    # 3. A random seed, then a rejected request: a message in the page, not a traceback.
+    # 3. The other tabs take the gallery's samples as their inputs.
+    page.get_by_role("tab", name="Interpolate").click()
+    page.get_by_role("button", name="Use samples 1 and 2 from the gallery").click()
+    expect(page.locator("#image-a img")).to_be_visible(timeout=30_000)
+    page.locator("#interpolation-t input").fill("100")
+    page.locator("#interpolate").click()
+    expect(page.locator("#interpolation-summary")).to_contain_text("t = 100", timeout=120_000)
+    page.get_by_role("tab", name="Bits/dim").click()
+    page.get_by_role("button", name="Use sample 1 from the gallery").click()
+    expect(page.locator("#bpd-image img")).to_be_visible(timeout=30_000)
+    page.locator("#bits-per-dim").click()
+    expect(page.locator("#bpd-summary")).to_contain_text("bound (bits/dim)", timeout=120_000)
+    page.screenshot(path=str(test_output_dir / "demo_browser_bpd.png"), full_page=True)
+    page.get_by_role("tab", name="Generate").click()
+    # 4. A random seed, then a rejected request: a message in the page, not a traceback.
     page.locator("#random-seed").click()
     expect(page.locator("#seed input")).not_to_have_value("1234")
     page.locator("#steps input").fill("2000")
