@@ -31,7 +31,8 @@ from .model_card import load_evaluation_report, load_training_config, model_card
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"
 ONNX_FOLDER = "onnx"
-ONNX_FILES = ("model.onnx", "model.onnx.data", "ddpm_onnx.json", "scheduler/scheduler_config.json")
+ONNX_METADATA = "ddpm_onnx.json"
+ONNX_FILES = ("model.onnx", "model.onnx.data", ONNX_METADATA, "scheduler/scheduler_config.json")
 DEFAULT_COMMIT_MESSAGE = f"Upload DDPM pipeline (ddpm-plugin {__version__})"
 GRID_IMAGES = 16  # samples in the card's grid
 GRID_TILE_PIXELS = 64  # small images are upscaled (nearest neighbour) to at least this size per sample
@@ -169,6 +170,8 @@ def build_hub_folder(
     for name, source in files.items():
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, output / name)
+    if f"{ONNX_FOLDER}/{ONNX_METADATA}" in files:
+        _point_onnx_metadata_at_repo(output / ONNX_FOLDER / ONNX_METADATA)
     if grid is not None:
         shutil.copyfile(grid, output / GRID_FILE)
         caption = f"Samples from this pipeline ({Path(grid).name})."
@@ -184,6 +187,17 @@ def build_hub_folder(
     )
     card.save(output / CARD_FILE)
     return sorted([*files, GRID_FILE, CARD_FILE])
+
+
+def _point_onnx_metadata_at_repo(metadata_path: Path) -> None:
+    """The export records the absolute path of its source pipeline; in the repository that is the root `..`,
+    and the exporting machine's file system is nobody's business."""
+    import json
+
+    metadata = json.loads(metadata_path.read_text())
+    if "source_model" in metadata:
+        metadata["source_model"] = ".."
+        metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
 
 
 def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:

@@ -36,6 +36,18 @@ METRICS = (
     ("fid", "FID (lower is better)", "fid"),
     ("inception_score", "Inception score (higher is better)", "inception_score"),
 )
+# Further report entries worth showing (never `model` or other local paths of the evaluating machine).
+REPORT_DETAILS = (
+    ("bits_per_dim_sem", "bits/dim, standard error of the mean"),
+    ("rate_bpd", "rate L_T + ... + L_1 (bits/dim)"),
+    ("distortion_bpd", "distortion L_0 (bits/dim)"),
+    ("num_images", "images in the bound"),
+    ("inception_score_std", "Inception score, standard deviation"),
+    ("num_samples", "generated samples (FID, IS)"),
+    ("num_reference_images", "reference images (FID)"),
+    ("sampler", "sampler"),
+    ("sampling_steps", "sampling steps"),
+)
 # Training-configuration keys shown in the recipe table, in this order, with their names in the card.
 RECIPE_KEYS = (
     ("preset", "preset"),
@@ -196,9 +208,8 @@ def _evaluation_section(report: dict | None) -> str:
     if not report:
         return "## Evaluation\n\nNo evaluation report was supplied (`ddpm push --report PATH`)."
     rows = [(label, float(report[key])) for key, label, _ in METRICS if isinstance(report.get(key), (int, float))]
-    details = [(key, value) for key, value in report.items()
-               if key not in {k for k, _, _ in METRICS} and isinstance(value, (int, float, str, bool))]
-    table = _table(rows + details, ("metric", "value"))
+    rows += [(label, report[key]) for key, label in REPORT_DETAILS if report.get(key) is not None]
+    table = _table(rows, ("metric", "value"))
     return ("## Evaluation\n\n" + table + "\n\nThe paper reports, for CIFAR-10: NLL <= 3.75 bits/dim (test), "
             "FID 3.17 and Inception score 9.46 (Table 1).")
 
@@ -212,7 +223,8 @@ from huggingface_hub import snapshot_download
 from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
 
 path = snapshot_download("{repo_id}", allow_patterns=["onnx/*"])
-pipe = OnnxDDPMPipeline.from_pretrained(f"{{path}}/onnx")
+pipe = OnnxDDPMPipeline.from_pretrained(f"{{path}}/onnx")  # CUDA when usable, else CPU
+images = pipe(batch_size=16, num_inference_steps=1000, seed=0).images
 ```
 """ if has_onnx else ""
     return f"""## How to use

@@ -22,10 +22,13 @@ import pytest
 
 from hub_server import LoopbackHub
 
+# huggingface_hub's LFS upload passes a file object as `data=`, which its HTTP client deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 TOKEN = "hf_loopbackTestToken7c1e5a9d3b"
 REPO_ID = "tester/tiny-ddpm"
 COMMIT_MESSAGE = "Publish the tiny digits DDPM"
-REPORT = {"bits_per_dim": 4.125, "fid": 12.5, "inception_score": 2.25, "num_samples": 512}
+REPORT = {"bits_per_dim": 4.125, "fid": 12.5, "inception_score": 2.25, "num_samples": 512, "model": "/home/alice/run"}
 DDPM = shutil.which("ddpm") or str(Path(sys.executable).with_name("ddpm"))  # the installed console script
 FORBIDDEN = ("checkpoint", "optimizer", "tfevents", ".bin", ".pt", ".pkl", "log", "random_states")
 
@@ -33,7 +36,8 @@ FORBIDDEN = ("checkpoint", "optimizer", "tfevents", ".bin", ".pt", ".pkl", "log"
 @pytest.fixture(scope="module")
 def run_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
     """A `ddpm train` run folder around the tiny pipeline, littered with what must never be published (some of
-    it holding the token), with an ONNX stand-in, an evaluation report and the real training config."""
+    it holding the token), with its real ONNX export, an evaluation report and the real training config."""
+    from ddpm_plugin.export.onnx_export import export_onnx
     from ddpm_plugin.training import TrainingConfig
 
     run = tmp_path_factory.mktemp("run")
@@ -57,11 +61,8 @@ def run_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
         pipeline / "logs" / "train.log": f"login with {TOKEN}".encode(),
         pipeline / ".env": f"HF_TOKEN={TOKEN}".encode(),
         pipeline / "onnx" / "export.log": TOKEN.encode(),
-        # A stand-in for `ddpm export --output DIR/onnx`; the real export is tested by the ONNX suite.
-        pipeline / "onnx" / "model.onnx": np.random.default_rng(0).bytes(4096),
-        pipeline / "onnx" / "ddpm_onnx.json": b'{"format": 1}',
-        pipeline / "onnx" / "scheduler" / "scheduler_config.json": (pipeline / "scheduler" / "scheduler_config.json").read_bytes(),
     }
+    export_onnx(pipeline, pipeline / "onnx")  # as `ddpm export --model DIR --output DIR/onnx`
     for path, content in litter.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
@@ -119,8 +120,11 @@ def test_push_uploads_the_hub_ready_folder_in_one_commit(published, run_dir, gri
     assert set(commit.paths) == expected_files(run_dir)
     files = hub.files(REPO_ID)
     pipeline = run_dir / "pipeline"
-    for path in expected_files(run_dir) - {"README.md", "samples.png"}:
+    for path in expected_files(run_dir) - {"README.md", "samples.png", "onnx/ddpm_onnx.json"}:
         assert files[path] == (pipeline / path).read_bytes(), path
+    onnx_metadata = json.loads(files["onnx/ddpm_onnx.json"])
+    assert onnx_metadata["source_model"] == ".."  # the repository root, not the exporting machine's path
+    assert onnx_metadata["opset"] == json.loads((pipeline / "onnx" / "ddpm_onnx.json").read_text())["opset"]
     assert files["samples.png"] == grid_png.read_bytes()
     # Weights, ONNX and images travel through LFS, as on the Hub.
     assert {"unet/diffusion_pytorch_model.safetensors", "onnx/model.onnx", "samples.png"} <= hub.repos[REPO_ID]["branches"]["main"].lfs
@@ -158,7 +162,8 @@ def test_published_card_is_valid_hub_metadata(published, run_dir):
     assert "DDPMPaperPipeline.from_pretrained" in text and "OnnxDDPMPipeline.from_pretrained" in text
     assert "1,234 steps" in text and "scikit-learn's 8x8 digits" in text
     assert "| NLL, variational bound (bits/dim, lower is better) | 4.125 |" in text
-    assert str(run_dir) not in text  # no local paths of the trainer's machine
+    assert "| generated samples (FID, IS) | 512 |" in text
+    assert str(run_dir) not in text and "/home/alice" not in text  # no local paths of the trainer's machine
 
 
 LOAD_BACK = """
@@ -197,15 +202,21 @@ for name, pipe in (("stock", stock), ("paper", paper)):
 loaded = {name: sys.modules.get(name) is not None for name in list(sys.modules) if name.startswith("ddpm_plugin")}
 sys.meta_path.remove(blocker)
 from ddpm_plugin import DDPMPaperPipeline
+from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
+from huggingface_hub import snapshot_download
+
 plugin = DDPMPaperPipeline.from_pretrained(repo)
+onnx = OnnxDDPMPipeline.from_pretrained(snapshot_download(repo, allow_patterns=["onnx/*"]) + "/onnx", provider="cpu")
+onnx_images = onnx(batch_size=2, num_inference_steps=3, seed=0, progress_bar=False).images
 print(json.dumps({
     "plugin_importable": plugin_importable,
     "plugin_modules_loaded_while_blocked": sorted(loaded),
     "stock_class": type(stock).__name__, "stock_module": type(stock).__module__,
     "paper_class": type(paper).__name__, "paper_module": type(paper).__module__,
     "plugin_class": type(plugin).__name__,
+    "onnx_shape": list(onnx_images.shape),
     "remote_code_gated": remote_code_gated,
-    "unet_sum": float(sum(p.double().sum() for p in stock.unet.parameters())),
+    "unet_sum": float(sum(p.detach().double().sum() for p in stock.unet.parameters())),
     "same_images": bool((images["stock"] == images["paper"]).all()),
     "card_library": ModelCard.load(repo).data.library_name,
 }))
@@ -228,6 +239,7 @@ def test_published_repo_loads_with_plain_diffusers_without_the_plugin(published,
     assert loaded["paper_class"] == "DDPMPaperPipeline"
     assert not loaded["paper_module"].startswith("ddpm_plugin")  # diffusers' dynamic module from the repo
     assert loaded["plugin_class"] == "DDPMPaperPipeline"
+    assert loaded["onnx_shape"] == [2, 8, 8, 1]
     assert loaded["remote_code_gated"] is True
     assert loaded["same_images"] is True
     assert loaded["card_library"] == "diffusers"
