@@ -86,9 +86,18 @@ def stamped(pictures: list[Image.Image], description: str) -> list[Image.Image]:
 
 
 def _gallery_files(gallery: list | None, count: int) -> list[str]:
+    """The first `count` pictures of the gallery (Gradio has checked that they are its own files)."""
     if not gallery or len(gallery) < count:
         raise gr.Error(f"Generate at least {count} image(s) first.", print_exception=False)
     return [item[0] for item in gallery[:count]]
+
+
+def use_samples(gallery: list | None) -> list[str]:
+    return _gallery_files(gallery, 2)
+
+
+def use_sample(gallery: list | None) -> str:
+    return _gallery_files(gallery, 1)[0]
 
 
 def build_demo(engine: DemoEngine) -> gr.Blocks:
@@ -175,9 +184,9 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                     random_seed = gr.Button("Random seed", size="sm", elem_id="random-seed")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
-                    gallery = gr.Gallery(label="Samples", columns=4, format="png", object_fit="contain",
-                                         buttons=["download", "download_all", "fullscreen"], interactive=False,
-                                         elem_id="gallery")
+                    gallery = gr.Gallery(label="Samples", columns=4, height="auto", format="png",
+                                         object_fit="contain", buttons=["download", "download_all", "fullscreen"],
+                                         interactive=False, elem_id="gallery")
                     progression = gr.Image(label="Denoising progression", format="png", type="pil",
                                            interactive=False, elem_id="progression", buttons=["download", "fullscreen"])
                     summary = gr.Markdown(label="Summary", elem_id="summary")
@@ -189,7 +198,7 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                 image_b = gr.Image(label="Image B (λ = 1)", type="numpy", image_mode="RGB",
                                    sources=["upload", "clipboard"], elem_id="image-b")
             with gr.Row():
-                use_samples = gr.Button("Use samples 1 and 2 from the gallery", size="sm")
+                use_two = gr.Button("Use samples 1 and 2 from the gallery", size="sm")
                 timestep = gr.Number(min(500, max_t), precision=0, label=f"Interpolation step t (0..{max_t})",
                                      elem_id="interpolation-t")
                 num_lambdas = gr.Number(9, precision=0, label=f"Interpolants (2..{MAX_LAMBDAS})",
@@ -207,7 +216,7 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                 bpd_fitted = gr.Image(label="As the model sees it", format="png", type="pil", interactive=False,
                                       elem_id="bpd-fitted")
             with gr.Row():
-                use_sample = gr.Button("Use sample 1 from the gallery", size="sm")
+                use_one = gr.Button("Use sample 1 from the gallery", size="sm")
                 bpd_seed = gr.Number(0, precision=0, label="Seed", elem_id="bpd-seed")
             run_bpd = gr.Button("Compute bits/dim", variant="primary", elem_id="bits-per-dim")
             bpd_summary = gr.Markdown(label="Bound", elem_id="bpd-summary")
@@ -228,8 +237,8 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
         )
         sampler.change(sampler_controls, sampler, [steps, variance_type, eta], api_visibility="private")
         random_seed.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private", queue=False)
-        use_samples.click(lambda g: _gallery_files(g, 2), gallery, [image_a, image_b], api_visibility="private")
-        use_sample.click(lambda g: _gallery_files(g, 1)[0], gallery, bpd_image, api_visibility="private")
+        use_two.click(use_samples, gallery, [image_a, image_b], api_visibility="private")
+        use_one.click(use_sample, gallery, bpd_image, api_visibility="private")
         gr.api(engine.describe, api_name="models", api_description="The configured models, backends and limits.")
     return demo
 

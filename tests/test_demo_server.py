@@ -176,6 +176,22 @@ def test_server_serves_no_file_but_its_own_outputs(demo_server):
         assert error.value.code == 403
 
 
+def test_a_client_cannot_pass_a_server_path_as_a_gallery_picture(demo_server):
+    import httpx
+
+    config = httpx.get(f"{demo_server.url}/config").json()
+    fn_index = next(k for k, dependency in enumerate(config["dependencies"]) if dependency["api_name"] == "use_sample")
+    smuggled = {"image": {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "caption": None}
+    session = "smuggler"
+    join = httpx.post(f"{demo_server.url}/gradio_api/queue/join",
+                      json={"data": [[smuggled]], "fn_index": fn_index, "session_hash": session})
+    assert join.status_code == 200
+    with httpx.stream("GET", f"{demo_server.url}/gradio_api/queue/data", params={"session_hash": session},
+                      timeout=30) as stream:
+        completed = next(line for line in stream.iter_lines() if "process_completed" in line)
+    assert '"success":false' in completed.replace(" ", "") and "root:" not in completed
+
+
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(), reason="the bundled model is not built yet")
 def test_bundled_model_is_the_default_and_generates_digits(demo_server):
     assert demo_server.models[0] == BUNDLED_MODEL.name
