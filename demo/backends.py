@@ -184,10 +184,12 @@ class DemoModel:
 
     def _onnx_folder(self) -> Path:
         """`folder/onnx` when the pipeline ships its export, else an export cached by the weights' hash."""
-        shipped = self.folder / "onnx"
-        if shipped.is_dir():
-            return shipped
         from ddpm_plugin.export.onnx_export import export_onnx
+        from ddpm_plugin.export.onnx_pipeline import METADATA_FILE, ONNX_SUBFOLDER
+
+        shipped = self.folder / ONNX_SUBFOLDER
+        if (shipped / METADATA_FILE).is_file():
+            return shipped
 
         # Keyed by what the export depends on: the network's files and the training schedule.
         digest = hashlib.sha256()

@@ -43,6 +43,19 @@ def test_same_seed_gives_the_same_images_and_another_seed_other_images(engine):
     assert not np.allclose(first, other)
 
 
+def test_onnx_backend_is_exported_once_into_the_cache_and_reproducible(tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    engine = DemoEngine([tiny_pipeline_dir], num_threads=1, concurrency=2)
+    assert engine.backends == ["onnxruntime", "pytorch"]
+    (export,) = (tmp_path / "ddpm-plugin" / "onnx").iterdir()
+    written = (export / "model.onnx").stat().st_mtime_ns
+    again = DemoEngine([tiny_pipeline_dir], num_threads=1)
+    assert (export / "model.onnx").stat().st_mtime_ns == written  # reused, not exported again
+    first = engine.generate(request(backend="onnxruntime", seed=3)).images
+    np.testing.assert_array_equal(first, again.generate(request(backend="onnxruntime", seed=3)).images)
+    assert not tiny_pipeline_dir.joinpath("onnx").exists()  # the model folder is left untouched
+
+
 def test_ancestral_sampler_honours_the_variance_type(engine):
     large = engine.generate(request(sampler="ddpm", variance_type="fixed_large", num_inference_steps=20)).images
     small = engine.generate(request(sampler="ddpm", variance_type="fixed_small", num_inference_steps=20)).images
