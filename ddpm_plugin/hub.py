@@ -20,6 +20,7 @@ upload filters them out once more. The token comes from `HF_TOKEN` or the cached
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -59,13 +60,15 @@ class PushResult:
         url (`str`): The repository page (of the branch, when not `main`).
         commit_url (`str`): The commit's page.
         commit_oid (`str`): The commit hash.
-        files (`list[str]`): The repository paths in the commit.
+        files (`list[str]`): The repository paths uploaded by the commit.
+        deleted (`list[str]`): The files of an earlier push that the commit deleted.
     """
 
     url: str
     commit_url: str
     commit_oid: str
     files: list[str]
+    deleted: list[str]
 
 
 def is_publishable(path_in_repo: str) -> bool:
@@ -73,6 +76,15 @@ def is_publishable(path_in_repo: str) -> bool:
     return any(fnmatch.fnmatch(path_in_repo, p) for p in ALLOW_PATTERNS) and not any(
         fnmatch.fnmatch(path_in_repo, p) for p in IGNORE_PATTERNS
     )
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise `ValueError` unless `repo_id` is a valid `"user/name"` (or `"organization/name"`) Hub id."""
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)  # raises HFValidationError, a ValueError
+    if repo_id.count("/") != 1:
+        raise ValueError(f"`repo_id` must be 'user/name' or 'organization/name', got {repo_id!r}.")
 
 
 def find_pipeline_folder(model_dir: str | os.PathLike) -> Path:
@@ -90,8 +102,6 @@ def pipeline_files(model_dir: str | os.PathLike) -> dict[str, Path]:
     Raises `FileNotFoundError` when `model_dir` is not a pipeline folder and `ValueError` when a component has
     only pickled weights.
     """
-    import json
-
     folder = find_pipeline_folder(model_dir)
     files = {"model_index.json": folder / "model_index.json"}
     files.update({path.name: path for path in sorted(folder.glob("*.py"))})
@@ -162,6 +172,7 @@ def build_hub_folder(
     Returns:
         `list[str]`: the repository paths written, sorted.
     """
+    check_repo_id(repo_id)
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} is not empty; the Hub-ready folder needs a fresh one.")
@@ -192,8 +203,6 @@ def build_hub_folder(
 def _point_onnx_metadata_at_repo(metadata_path: Path) -> None:
     """The export records the absolute path of its source pipeline; in the repository that is the root `..`,
     and the exporting machine's file system is nobody's business."""
-    import json
-
     metadata = json.loads(metadata_path.read_text())
     if "source_model" in metadata:
         metadata["source_model"] = ".."
@@ -246,25 +255,26 @@ def push_folder(
     Raises:
         [`HubPublishError`]: no token, a rejected token, or any failure before the Hub confirmed the commit.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import validate_repo_id
 
-    validate_repo_id(repo_id)
-    if "/" not in repo_id:
-        raise ValueError(f"`repo_id` must be 'user/name' or 'organization/name', got {repo_id!r}.")
+    check_repo_id(repo_id)
     plan = upload_plan(folder)
     if CARD_FILE not in dict(plan) or "model_index.json" not in dict(plan):
         raise FileNotFoundError(f"{folder} is not a Hub-ready folder (README.md and model_index.json expected).")
     api = HfApi(token=resolve_token(token))
-    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=Path(folder) / path) for path, _ in plan]
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # Files of an earlier push that this one no longer has (an old ONNX export, say) would not match the new
+        # weights: the commit deletes them. Files this module never publishes (a LICENSE, say) stay.
+        stale = [path for path in api.list_repo_files(repo_id, revision=revision)
+                 if is_publishable(path) and path not in dict(plan)]
+        operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
+        operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=Path(folder) / path) for path, _ in plan]
         commit = api.create_commit(
-            repo_id, operations, revision=revision,
-            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            repo_id, operations, revision=revision, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
         )
     except HfHubHTTPError as error:
         raise HubPublishError(_explain(error, repo_id)) from error
@@ -274,7 +284,8 @@ def push_folder(
             " nothing was published."
         ) from error
     url = str(repo_url) if revision in (None, "main") else f"{repo_url}/tree/{revision}"
-    return PushResult(url=url, commit_url=commit.commit_url, commit_oid=commit.oid, files=[p for p, _ in plan])
+    return PushResult(url=url, commit_url=commit.commit_url, commit_oid=commit.oid, files=[p for p, _ in plan],
+                      deleted=stale)
 
 
 def _explain(error, repo_id: str) -> str:

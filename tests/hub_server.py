@@ -9,6 +9,7 @@ It implements the endpoints that `huggingface_hub` 2.x calls to publish and to d
 | `create_commit` (card check) | `POST /api/validate-yaml` |
 | `create_commit` (upload modes) | `POST /api/models/{repo}/preupload/{revision}` |
 | LFS upload (basic transfer) | `POST /{repo}.git/info/lfs/objects/batch`, `PUT` to the returned href, `POST` verify |
+| `list_repo_files` | `GET /api/models/{repo}/tree/{revision}?recursive=true` |
 | `create_commit` (the commit, NDJSON) | `POST /api/models/{repo}/commit/{revision}` |
 | `model_info` / `repo_info` | `GET /api/models/{repo}[/revision/{revision}]` |
 | `list_repo_tree` | `GET /api/models/{repo}/tree/{revision}[/{path}]` |
@@ -47,8 +48,9 @@ class Commit:
     revision: str
     summary: str
     description: str
-    paths: list[str]
+    paths: list[str]  # added or replaced
     oid: str
+    deleted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +86,7 @@ class LoopbackHub:
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def endpoint(self) -> str:
@@ -123,16 +125,22 @@ class LoopbackHub:
             elif line["key"] == "lfsFile":
                 files[value["path"]] = self.lfs_objects[value["oid"]]  # KeyError -> 400: never uploaded
                 lfs.add(value["path"])
+            elif line["key"] == "deletedFile":
+                files.pop(value["path"])  # KeyError -> 400: no such file
+                lfs.discard(value["path"])
             elif line["key"] != "header":
                 raise ValueError(f"unsupported commit operation {line['key']!r}")
         paths = [line["value"]["path"] for line in lines if line["key"] in ("file", "lfsFile")]
+        deleted = [line["value"]["path"] for line in lines if line["key"] == "deletedFile"]
         oid = hashlib.sha1(payload + branch.sha.encode()).hexdigest()
         branch.files, branch.lfs, branch.sha = files, lfs, oid
         folder = self.storage_folder(repo_id, revision)
         for path in paths:
             (folder / path).parent.mkdir(parents=True, exist_ok=True)
             (folder / path).write_bytes(files[path])
-        commit = Commit(repo_id, revision, header["summary"], header.get("description", ""), paths, oid)
+        for path in deleted:
+            (folder / path).unlink(missing_ok=True)
+        commit = Commit(repo_id, revision, header["summary"], header.get("description", ""), paths, oid, deleted)
         self.commits.append(commit)
         return commit
 
@@ -245,8 +253,8 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 return
             payload = json.loads(body)
             repo_id = f"{payload['organization']}/{payload['name']}"
-            if repo_id in hub.repos:
-                return self.error(409, "You already created this model repo")
+            if repo_id in hub.repos:  # the Hub's 409 names the existing repository, which the client returns
+                return self.reply(409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"})
             private = payload.get("visibility") == "private"
             hub.repos[repo_id] = {"private": private, "branches": {"main": Branch(sha=git_blob_sha1(repo_id.encode()))}}
             self.reply(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})

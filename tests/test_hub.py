@@ -326,6 +326,19 @@ def test_push_to_a_branch_of_a_private_repo_with_the_cached_login(loopback_hub, 
     assert TOKEN not in out + err
 
 
+def test_republishing_deletes_files_the_new_push_no_longer_has(loopback_hub, run_dir, tiny_pipeline_dir, grid_png, monkeypatch, capfd):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert ddpm_push("--model", str(run_dir), "--repo-id", REPO_ID, "--grid", str(grid_png)) == 0
+    loopback_hub.repos[REPO_ID]["branches"]["main"].files["LICENSE"] = b"MIT"  # added on the Hub by hand
+    assert ddpm_push("--model", str(tiny_pipeline_dir), "--repo-id", REPO_ID, "--grid", str(grid_png)) == 0
+    out, err = capfd.readouterr()
+    onnx = {"onnx/model.onnx", "onnx/ddpm_onnx.json", "onnx/scheduler/scheduler_config.json"}
+    non_ema = "unet/diffusion_pytorch_model.non_ema.safetensors"
+    assert len(loopback_hub.commits) == 2 and set(loopback_hub.commits[1].deleted) == onnx | {non_ema}
+    assert set(loopback_hub.files(REPO_ID)) == expected_files(run_dir) - onnx - {non_ema} | {"LICENSE"}
+    assert "deleted 4 files of an earlier push" in out
+
+
 def test_dry_run_lists_files_with_sizes_and_sends_nothing(loopback_hub, run_dir, grid_png, capfd):
     code = ddpm_push("--model", str(run_dir), "--repo-id", REPO_ID, "--grid", str(grid_png), "--dry-run")
     out, _ = capfd.readouterr()

@@ -48,5 +48,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         result = push_folder(folder, args.repo_id, private=args.private, revision=args.revision,
                              commit_message=args.commit_message)
+    if result.deleted:
+        print(f"deleted {len(result.deleted)} files of an earlier push: {', '.join(result.deleted)}")
     print(f"published {len(result.files)} files in commit {result.commit_oid[:7]}: {result.url}")
     return 0
