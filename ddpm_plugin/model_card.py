@@ -63,7 +63,6 @@ RECIPE_KEYS = (
     ("mixed_precision", "mixed precision"),
     ("seed", "seed"),
 )
-STEP_KEYS = ("max_steps", "max_train_steps", "train_steps", "num_train_steps", "steps")
 
 
 def load_training_config(pipeline_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -163,7 +162,7 @@ def _table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _model_section(unet: dict, scheduler: dict, num_parameters: int, has_non_ema: bool) -> str:
+def _model_section(unet: dict, scheduler: dict, num_parameters: int, ema_decay: float | None, has_non_ema: bool) -> str:
     size = unet["sample_size"]
     height, width = (size, size) if isinstance(size, int) else size
     attention = [i for i, block in enumerate(unet["down_block_types"]) if "Attn" in block]
@@ -171,7 +170,8 @@ def _model_section(unet: dict, scheduler: dict, num_parameters: int, has_non_ema
     sigma = {"fixed_large": "beta_t", "fixed_small": "beta-tilde_t (the posterior variance)"}.get(variance, variance)
     rows = [
         ("network", f"`UNet2DModel`, {num_parameters:,} parameters"),
-        ("weights", "exponential moving average" + ('; the raw weights as `variant="non_ema"`' if has_non_ema else "")),
+        ("weights", (f"exponential moving average, decay {ema_decay:g}" if ema_decay else "as saved")
+         + ('; the raw weights as `variant="non_ema"`' if has_non_ema else "")),
         ("images", f"{height}x{width}, {unet['in_channels']} channel(s)"),
         ("channels per resolution", ", ".join(str(c) for c in unet["block_out_channels"])),
         ("residual blocks per resolution", unet["layers_per_block"]),
@@ -188,13 +188,13 @@ def _model_section(unet: dict, scheduler: dict, num_parameters: int, has_non_ema
 def _training_section(training_config: dict | None, dataset: str | None) -> str:
     if not training_config:
         return "## Training\n\nNo training configuration was saved with this pipeline."
-    steps = next((training_config[k] for k in STEP_KEYS if isinstance(training_config.get(k), int)), None)
-    trained_on = DATASET_DESCRIPTIONS.get(dataset, f"`{dataset}`") if dataset else "the images below"
+    steps = training_config.get("max_steps")  # the pipeline is saved when training reaches it
+    trained_on = DATASET_DESCRIPTIONS.get(dataset, f"`{dataset}`") if dataset else "its training images"
     lines = [
         "## Training",
         "",
         f"Trained on {trained_on}"
-        + (f" for {steps:,} steps" if steps is not None else "")
+        + (f" for {steps:,} steps" if isinstance(steps, int) else "")
         + " with the paper's objective L_simple = E ||eps - eps_theta(x_t, t)||^2, t ~ U{1..T} (Algorithm 1).",
         "",
         _table([(label, dataset if key == "dataset" else training_config[key])
@@ -338,7 +338,7 @@ the paper's recipe by ddpm-plugin {__version__}. It generates images from noise 
 sampling over T = {scheduler['num_train_timesteps']} steps (Algorithm 2); fewer steps work with a
 `DDIMScheduler` built from the same scheduler config.
 
-{grid}{_model_section(unet, scheduler, num_parameters, non_ema.is_file())}
+{grid}{_model_section(unet, scheduler, num_parameters, (training_config or {}).get("ema_decay"), non_ema.is_file())}
 
 {_training_section(training_config, dataset)}
 
