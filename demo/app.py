@@ -24,9 +24,11 @@ import gradio as gr
 from PIL import Image
 
 from ddpm_plugin.demo.backends import (
+    CONCURRENCY_LIMIT,
     MAX_IMAGES,
     MAX_LAMBDAS,
     MAX_SEED,
+    QUEUE_SIZE,
     DemoEngine,
     GenerationRequest,
     gallery_images,
@@ -34,8 +36,6 @@ from ddpm_plugin.demo.backends import (
     progression_picture,
 )
 
-CONCURRENCY_LIMIT = 2  # requests sampled at once; the rest wait in the queue
-QUEUE_SIZE = 64  # requests that may wait; beyond that new ones are turned away with a message
 DDPM_STEPS = 1000  # the paper samples with all T steps
 DDIM_STEPS = 50
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete generated pictures older than an hour

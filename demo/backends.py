@@ -37,6 +37,8 @@ VARIANCE_TYPES: tuple[str, ...] = ("fixed_large", "fixed_small")
 
 MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED, the range every client's number widget can hold exactly
 MAX_IMAGES = 16  # default cap on images per request: bounds the memory one request can take
+CONCURRENCY_LIMIT = 2  # default number of requests sampled at once; the rest wait in the queue
+QUEUE_SIZE = 64  # default number of requests that may wait; beyond that new ones are turned away with a message
 NUM_SNAPSHOTS = 8  # columns of the denoising progression (paper Fig. 6)
 PROGRESSION_IMAGES = 4  # images whose progression is drawn, two rows each (x_t and predicted x_0)
 GALLERY_PIXELS = 128  # gallery images are upscaled to at least this size, by nearest neighbour

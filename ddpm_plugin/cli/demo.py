@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ddpm_plugin.demo.backends import CONCURRENCY_LIMIT, MAX_IMAGES, QUEUE_SIZE
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="serve the interactive Gradio demo in a browser")
@@ -12,9 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default=None,
                         help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
-    parser.add_argument("--max-images", type=int, default=16, help="most images one request may ask for")
-    parser.add_argument("--concurrency", type=int, default=2, help="requests sampled at the same time")
-    parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait in the queue")
+    parser.add_argument("--max-images", type=int, default=MAX_IMAGES,
+                        help="most images one request may ask for (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY_LIMIT,
+                        help="requests sampled at the same time (default: %(default)s)")
+    parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
+                        help="requests that may wait in the queue (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per request (default: CPU cores / concurrency)")
     parser.add_argument("--no-onnx", action="store_true", help="offer only the PyTorch backend")
