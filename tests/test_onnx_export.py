@@ -49,6 +49,15 @@ def test_exported_model_has_dynamic_batch_and_int64_timestep(export_report):
         assert eps.shape == (batch_size, 1, 8, 8)
 
 
+def test_reshape_targets_are_constants_so_no_shape_arithmetic_runs_per_step(export_report):
+    model = onnx.load(str(export_report.model_path))
+    constants = {init.name for init in model.graph.initializer} | {
+        node.output[0] for node in model.graph.node if node.op_type == "Constant"
+    }
+    reshapes = [node for node in model.graph.node if node.op_type == "Reshape"]
+    assert reshapes and all(node.input[1] in constants for node in reshapes)
+
+
 def test_export_fails_loudly_over_the_tolerance_and_leaves_no_model(tiny_pipeline_dir, tmp_path):
     with pytest.raises(OnnxValidationError, match="exceeds the tolerance"):
         export_onnx(tiny_pipeline_dir, tmp_path / "onnx", tolerance=1e-12)
