@@ -170,6 +170,12 @@ def training_loss(unet: torch.nn.Module, diffusion: GaussianDiffusion, x_start: 
     return F.mse_loss(eps_pred.float(), noise)
 
 
+def build_optimizer(unet: torch.nn.Module, config: TrainingConfig) -> torch.optim.Adam:
+    """Adam as in the paper (no weight decay), fused: one kernel updates all parameters, on CPU and CUDA."""
+    return torch.optim.Adam(unet.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                            eps=config.adam_epsilon, fused=True)
+
+
 def parameter_names(unet: torch.nn.Module) -> list[str]:
     return [name for name, _ in unet.named_parameters()]
 
@@ -283,10 +289,7 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
     unet = PaperUNet2DModel.from_preset(config.preset, dropout=config.dropout).to(accelerator.device)
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(
-        unet.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon, fused=True,  # one kernel for all parameters (CPU and CUDA)
-    )
+    optimizer = build_optimizer(unet, config)
     model, optimizer = accelerator.prepare(unet, optimizer)
     unet = accelerator.unwrap_model(model)
     ema = ExponentialMovingAverage(unet.parameters(), config.ema_decay)
