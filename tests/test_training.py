@@ -127,7 +127,7 @@ def test_run_leaves_pipeline_checkpoints_tensorboard_and_samples(finished_run):
     assert suffixes == {".safetensors", ".json"}  # nothing pickled
     state = load_checkpoint(output / "checkpoints" / "checkpoint-00000004").trainer_state
     assert state["step"] == 4 and state["config"]["batch_size"] == 8 and state["data_position"]["micro_step"] == 4
-    assert json.loads((output / "training_config.json").read_text())["ema_decay"] == 0.995
+    assert json.loads((output / "training_config.json").read_text())["ema_decay"] == 0.99
 
     assert sorted(p.name for p in (output / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
     events = EventAccumulator(str(next((output / "tensorboard").rglob("events.out.tfevents*")).parent)).Reload()
