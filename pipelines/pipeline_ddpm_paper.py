@@ -1,8 +1,8 @@
 """`DDPMPaperPipeline`: the stock `DDPMPipeline` plus what the DDPM paper and its users need.
 
 This file is the pipeline's only copy. It imports nothing but the standard library, NumPy, torch, diffusers
-and its sibling `gaussian_diffusion.py`, because `save_pretrained` places both files in the saved folder's
-root, where `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_ddpm_paper",
+and its siblings (`gaussian_diffusion.py`, `diffusion_ops.py`, `variational_bound.py`), because
+`save_pretrained` places these files in the saved folder's root, where `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_ddpm_paper",
 trust_remote_code=True)` loads them on a machine without ddpm-plugin.
 """
 
