@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .model_card import load_evaluation_report, load_training_config, model_card
+from .model_card import CUSTOM_PIPELINE, load_evaluation_report, load_training_config, model_card
 
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"
@@ -105,6 +105,8 @@ def pipeline_files(model_dir: str | os.PathLike) -> dict[str, Path]:
     folder = find_pipeline_folder(model_dir)
     files = {"model_index.json": folder / "model_index.json"}
     files.update({path.name: path for path in sorted(folder.glob("*.py"))})
+    if f"{CUSTOM_PIPELINE}.py" not in files:  # saved without its code (the bundled model ships none)
+        files.update(installed_pipeline_code())
     model_index = json.loads((folder / "model_index.json").read_text())
     for component, value in model_index.items():
         if component.startswith("_") or not isinstance(value, list) or not (folder / component).is_dir():
@@ -122,6 +124,16 @@ def pipeline_files(model_dir: str | os.PathLike) -> dict[str, Path]:
             raise FileNotFoundError(f"{onnx} has no model.onnx; re-export with `ddpm export`.")
         files.update({f"{ONNX_FOLDER}/{name}": onnx / name for name in ONNX_FILES if (onnx / name).is_file()})
     return {name: path for name, path in files.items() if is_publishable(name)}
+
+
+def installed_pipeline_code() -> dict[str, Path]:
+    """The installed `pipeline_ddpm_paper.py` and the sibling files it imports, as `save_pretrained` copies them."""
+    from importlib.util import find_spec
+
+    from diffusers.utils.dynamic_modules_utils import get_relative_import_files
+
+    source = Path(find_spec(f"ddpm_plugin.pipelines.{CUSTOM_PIPELINE}").origin)
+    return {path.name: path for path in map(Path, [source, *get_relative_import_files(str(source))])}
 
 
 def sample_grid(model_dir: str | os.PathLike, output: str | os.PathLike, num_inference_steps: int = 1000,

@@ -379,6 +379,18 @@ def test_card_names_hub_datasets_and_hides_local_paths(tiny_pipeline_dir):
     assert local.data.datasets is None
 
 
+def test_folder_saved_without_its_code_gets_the_installed_pipeline_code(tiny_pipeline_dir, tmp_path, grid_png):
+    from ddpm_plugin.hub import build_hub_folder
+
+    weights_only = tmp_path / "weights-only"  # like the bundled model: configs and weights, no .py files
+    shutil.copytree(tiny_pipeline_dir, weights_only, ignore=shutil.ignore_patterns("*.py"))
+    files = build_hub_folder(weights_only, tmp_path / "repo", REPO_ID, grid=grid_png)
+    saved_code = sorted(p.name for p in tiny_pipeline_dir.glob("*.py"))
+    assert sorted(f for f in files if f.endswith(".py")) == saved_code
+    for name in saved_code:
+        assert (tmp_path / "repo" / name).read_bytes() == (tiny_pipeline_dir / name).read_bytes()
+
+
 def test_pickled_weights_are_never_published(tiny_pipeline_dir, tmp_path):
     from ddpm_plugin.hub import build_hub_folder
 
