@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,7 +56,6 @@ class EvaluationConfig:
     figures: bool = True  # write progression, reconstruction and interpolation figures
     figure_steps: int = 1000  # sampling steps of the figures (paper: 1000)
     inception_weights: str | None = None  # NVIDIA's TorchScript inception-2015-12-05.pt (or $DDPM_INCEPTION_WEIGHTS)
-    extra: dict[str, Any] = field(default_factory=dict)  # copied into the report as-is
 
     def __post_init__(self) -> None:
         unknown = set(self.metrics) - set(EVALUATION_METRICS)
@@ -152,12 +151,13 @@ def write_figures(pipe: DDPMPaperPipeline, images: np.ndarray | None, config: Ev
                                               every=max(1, steps // 10), generator=generator)
     paths["progression"] = save_figure(progression_grid(progression), folder / "progression.png")
     if images is not None and len(images) >= 2:
-        originals = images[:FIGURE_IMAGES]
+        # Spread over the data (sets sorted by class, as MNIST, then show different classes).
+        originals = images[np.linspace(0, len(images) - 1, min(FIGURE_IMAGES, len(images))).round().astype(int)]
         reconstruction = pipe.reconstruct(originals, timestep=RECONSTRUCTION_TIMESTEP, num_samples=FIGURE_IMAGES,
                                           generator=generator, num_inference_steps=steps)
         paths["reconstruction"] = save_figure(reconstruction_grid(reconstruction, originals=originals),
                                               folder / "reconstruction.png")
-        rows = [pipe.interpolate(images[0], images[1], timestep=t, generator=torch.Generator().manual_seed(config.seed),
+        rows = [pipe.interpolate(originals[0], originals[-1], timestep=t, generator=torch.Generator().manual_seed(config.seed),
                                  num_inference_steps=steps) for t in INTERPOLATION_TIMESTEPS]
         paths["interpolation"] = save_figure(interpolation_strip(rows), folder / "interpolation.png")
     return paths
@@ -185,7 +185,7 @@ def evaluate(
     folder = Path(config.figures_dir) if config.figures_dir else output.parent
     folder.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"model": str(config.model), "dataset": config.dataset, "metrics": list(config.metrics),
-                              "seed": config.seed, **config.extra}
+                              "seed": config.seed}
     wall_time: dict[str, float] = {}
     figures: dict[str, str] = {}
     images = None
@@ -205,7 +205,7 @@ def evaluate(
         started = time.perf_counter()
         figures.update(write_figures(pipe, images, config, folder))
         wall_time["figures"] = time.perf_counter() - started
-    report.update(figures=figures, wall_time_s=wall_time, config={k: v for k, v in asdict(config).items() if k != "extra"})
+    report.update(figures=figures, wall_time_s=wall_time, config=asdict(config))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     return report
