@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,9 @@ from .presets import PaperUNet2DModel, get_preset
 # Config fields that may change when a run is resumed; any other difference gets a warning.
 RESUMABLE_CHANGES = {"max_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
                      "sample_every", "num_sample_images", "sample_inference_steps", "log_every", "log_with", "output_dir"}
+# Fields a `TrainingConfig` may leave `None` to take the preset's value (same names as `Preset`'s).
+RECIPE_FIELDS = ("dataset", "batch_size", "learning_rate", "warmup_steps", "grad_clip_norm", "ema_decay", "dropout",
+                 "random_flip")
 PERMUTATION_SEED_OFFSET = 1_000_003  # keeps the data order's generator apart from the model-init seed
 
 
@@ -53,7 +57,7 @@ class TrainingConfig:
     checkpoint."""
 
     preset: str = "cifar10"  # architecture and recipe, a key of `ddpm_plugin.presets.PRESETS`
-    dataset: str | None = None  # digits | mnist | image folder | .npz | HF datasets name/path (default: the preset's)
+    dataset: str | None = None  # digits | mnist | image folder | .npz | HF datasets name or path
     output_dir: str = "ddpm-output"  # folder for checkpoints/, tensorboard/, samples/ and pipeline/
     max_steps: int = 800_000  # optimizer steps in total (paper: 800k for CIFAR-10)
     batch_size: int | None = None  # images per optimizer step, summed over processes (paper: 128; 64 at 256x256)
@@ -82,12 +86,8 @@ class TrainingConfig:
     def resolve(self) -> "TrainingConfig":
         """This config with every `None` recipe value taken from the preset, validated."""
         preset = get_preset(self.preset)
-        recipe = {
-            "dataset": preset.dataset or self.preset, "batch_size": preset.batch_size,
-            "learning_rate": preset.learning_rate, "warmup_steps": preset.warmup_steps,
-            "grad_clip_norm": preset.grad_clip_norm, "ema_decay": preset.ema_decay, "dropout": preset.dropout,
-            "random_flip": preset.random_flip,
-        }
+        recipe = {name: getattr(preset, name) for name in RECIPE_FIELDS}
+        recipe["dataset"] = preset.dataset or self.preset
         config = replace(self, **{k: v for k, v in recipe.items() if getattr(self, k) is None})
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "num_sample_images",
                      "sample_inference_steps", "log_every"):
@@ -258,8 +258,25 @@ def warn_config_changes(saved: dict[str, Any], config: TrainingConfig, log) -> N
 
 
 def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> TrainingResult:
-    """Train the preset's UNet on `config.dataset` (or on `dataset`, any object with `__len__` and uint8
-    `[C, H, W]` items) and save the pipeline to `OUTPUT/pipeline`. See the module docstring for the layout."""
+    """Train the preset's UNet with the paper's recipe and save the pipeline to `OUTPUT/pipeline`.
+
+    Args:
+        config ([`TrainingConfig`]):
+            The run's settings; `None` recipe fields take the preset's values.
+        dataset (`ImageDataset`, *optional*):
+            Training images as any object with `__len__` and uint8 `[C, H, W]` items; by default
+            `load_image_dataset(config.dataset, ...)`.
+
+    Returns:
+        [`TrainingResult`]: the final step and mean loss of the last logging window, the raw and EMA networks,
+        and the pipeline folder.
+
+    Raises:
+        `NonFiniteLossError` when the loss becomes NaN/inf (the newest checkpoint stays the last good one);
+        `ValueError`/`FileNotFoundError` for bad settings or data, before training starts;
+        `CorruptCheckpointError` when `resume_from_checkpoint` names a damaged checkpoint (with `"latest"`, damaged
+        checkpoints are skipped with a warning).
+    """
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
@@ -386,8 +403,6 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
             (output / "samples").mkdir(exist_ok=True)
             grid.save(output / "samples" / f"step-{step:08d}.png")
             if config.log_with == "tensorboard":
-                import numpy as np
-
                 accelerator.get_tracker("tensorboard").log_images(
                     {"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC"
                 )
@@ -413,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m ddpm_plugin.training", description=__doc__.split("\n")[0])
     add_training_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ddpm_plugin.training: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

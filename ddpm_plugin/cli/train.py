@@ -7,6 +7,7 @@ import argparse
 import inspect
 import re
 import sys
+import types
 import typing
 from dataclasses import MISSING, fields
 
@@ -19,18 +20,17 @@ def _field_help(config_class: type) -> dict[str, str]:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--kebab-case` flag per `TrainingConfig` field, typed as the field; recipe fields default to the preset."""
-    from ddpm_plugin.training import TrainingConfig
+    from ddpm_plugin.training import RECIPE_FIELDS, TrainingConfig
 
     hints = typing.get_type_hints(TrainingConfig)
     helps = _field_help(TrainingConfig)
     for field in fields(TrainingConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)] if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)) else []
-        base = args[0] if args else kind
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind  # X | None -> X
         default = field.default if field.default is not MISSING else None
-        text = helps.get(field.name, "") + (" (default: the preset's)" if default is None and field.name not in
-                                            ("dataset", "checkpoints_total_limit", "resume_from_checkpoint") else "")
+        text = helps.get(field.name, "") + (" (default: the preset's)" if field.name in RECIPE_FIELDS else "")
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif typing.get_origin(base) is typing.Literal:
