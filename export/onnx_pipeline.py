@@ -20,14 +20,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from ddpm_plugin.images import to_uint8
-from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
+from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion, VarianceType
 
 from .providers import CUDA, ProviderSpec, resolve_providers, session_options
 
@@ -36,6 +36,7 @@ METADATA_FILE = "ddpm_onnx.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 ONNX_SUBFOLDER = "onnx"  # where a pipeline folder keeps its export
 FORMAT_VERSION = 1
+MAX_BOUND_BATCH_SIZES = 8  # buffers kept bound for this many batch sizes
 Sampler = Literal["ddpm", "ddim"]
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
 
@@ -179,6 +180,9 @@ class OnnxDDPMPipeline:
             The contents of `ddpm_onnx.json`.
         cuda_graph (`bool`, *optional*, defaults to `False`):
             Whether the session was created with ORT CUDA graphs (one graph is captured per batch size).
+
+    One call at a time per instance: the bound buffers are shared between calls (the demo keeps one instance
+    per concurrent request).
     """
 
     def __init__(
@@ -294,10 +298,8 @@ class OnnxDDPMPipeline:
             raise ValueError(f"`scheduler` must be 'ddpm' or 'ddim', got {scheduler!r}.")
         if not eta >= 0.0:
             raise ValueError(f"`eta` must be >= 0, got {eta!r}.")
-        if variance_type not in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
-            raise ValueError(
-                f"`variance_type` must be 'fixed_small' or 'fixed_large' (or their '_log' forms), got {variance_type!r}."
-            )
+        if variance_type not in get_args(VarianceType):
+            raise ValueError(f"`variance_type` must be one of {list(get_args(VarianceType))}, got {variance_type!r}.")
         expected = (batch_size, *self.image_shape)
         if latents is not None and tuple(np.shape(latents)) != expected:
             raise ValueError(f"`latents` must have shape {expected}, got {tuple(np.shape(latents))}.")
@@ -307,6 +309,8 @@ class OnnxDDPMPipeline:
     def bound_unet(self, batch_size: int) -> BoundUNet:
         """The UNet with buffers bound for `batch_size` (created once per batch size, then reused)."""
         if batch_size not in self._bound:
+            if len(self._bound) >= MAX_BOUND_BATCH_SIZES and not self.cuda_graph:
+                self._bound.pop(next(iter(self._bound)))  # forget the oldest batch size's buffers
             graph_id = len(self._bound) + 1 if self.cuda_graph else None
             self._bound[batch_size] = BoundUNet(self.session, (batch_size, *self.image_shape), self.device, graph_id)
         return self._bound[batch_size]
