@@ -145,7 +145,6 @@ def sample_grid(model_dir: str | os.PathLike, output: str | os.PathLike, num_inf
     from .sampling import load_pipeline
 
     pipe = load_pipeline(model_dir)
-    pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=GRID_IMAGES, generator=torch.manual_seed(seed), num_inference_steps=num_inference_steps,
                   output_type="np").images
     make_grid(images, scale=max(1, GRID_TILE_PIXELS // images.shape[1])).save(output)

@@ -330,13 +330,17 @@ def model_card(
     if grid_file:
         grid = f"![Samples]({grid_file})\n\n*{grid_caption or 'Samples from this pipeline.'}*\n\n"
     trained_on = f" on {DATASET_DESCRIPTIONS.get(dataset, f'`{dataset}`')}" if dataset else ""
+    intro = " ".join([
+        f"A denoising diffusion probabilistic model ([Ho, Jain & Abbeel 2020]({PAPER_URL})) trained{trained_on}",
+        f"with ddpm-plugin {__version__}"
+        + (", which implements the paper's training recipe (settings below)." if training_config else "."),
+        f"It generates images from noise by ancestral sampling over T = {scheduler['num_train_timesteps']} steps",
+        "(Algorithm 2); fewer steps work with a `DDIMScheduler` built from the same scheduler config.",
+    ])
     body = f"""
 # {model_name}
 
-A denoising diffusion probabilistic model ([Ho, Jain & Abbeel 2020]({PAPER_URL})) trained{trained_on} with
-the paper's recipe by ddpm-plugin {__version__}. It generates images from noise by ancestral
-sampling over T = {scheduler['num_train_timesteps']} steps (Algorithm 2); fewer steps work with a
-`DDIMScheduler` built from the same scheduler config.
+{intro}
 
 {grid}{_model_section(unet, scheduler, num_parameters, (training_config or {}).get("ema_decay"), non_ema.is_file())}
 

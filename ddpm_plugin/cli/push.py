@@ -26,11 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import shutil
+    import sys
     import tempfile
     from pathlib import Path
 
     from ddpm_plugin.hub import build_hub_folder, push_folder, upload_plan
 
+    if args.grid is None:
+        print(f"sampling the card's grid with {args.grid_steps} steps (--grid PNG reuses an image instead)",
+              file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="ddpm-push-") as staging:
         folder = Path(staging) / "repo"
         build_hub_folder(args.model, folder, args.repo_id, report=args.report, grid=args.grid,
