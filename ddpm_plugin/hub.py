@@ -43,7 +43,7 @@ ALLOW_PATTERNS = (
     *(f"{ONNX_FOLDER}/{name}" for name in ONNX_FILES), GRID_FILE, CARD_FILE,
 )
 IGNORE_PATTERNS = (
-    "*checkpoint*", "*optimizer*", "*scheduler.bin", "*random_states*", "*.pt", "*.pth", "*.bin", "*.pkl",
+    "*checkpoint*", "*optimizer*", "*random_states*", "*.pt", "*.pth", "*.bin", "*.pkl",
     "*.pickle", "*.ckpt", "*.npz", "*tfevents*", "logs/*", "runs/*", "*/logs/*", "*/runs/*", ".*", "*/.*",
 )
 
