@@ -194,7 +194,7 @@ def export_onnx(
         "max_abs_error": max_abs_error,
         "tolerance": tolerance,
         "preset": preset,
-        "source_model": str(model_dir.resolve()),
+        "source_model": _source_model(model_dir, output_dir),
         "ddpm_plugin_version": ddpm_plugin.__version__,
         "torch_version": torch.__version__,
     }
@@ -204,6 +204,13 @@ def export_onnx(
         tolerance=tolerance, preset=preset, export_seconds=time.perf_counter() - started,
     )
     return report
+
+
+def _source_model(model_dir: Path, output_dir: Path) -> str:
+    """The pipeline folder as a path relative to the export when the export lives inside it (`DIR/onnx`), so
+    the pair can move (the bundled model, a Hub repo); else its absolute path."""
+    source, output = model_dir.resolve(), output_dir.resolve()
+    return os.path.relpath(source, output) if output.is_relative_to(source) else str(source)
 
 
 def _trace_to_onnx(model: Any, image_shape: tuple[int, int, int], path: Path, opset: int) -> None:

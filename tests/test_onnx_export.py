@@ -87,7 +87,8 @@ def test_cli_export_writes_an_export_inside_the_pipeline_folder(tiny_pipeline_di
     shutil.copytree(tiny_pipeline_dir, pipeline)
     assert main(["export", "--model", str(pipeline), "--output", str(pipeline / "onnx"), "--opset", "18"]) == 0
     assert "max |eps_onnx - eps_torch|" in capsys.readouterr().out
-    assert json.loads((pipeline / "onnx" / "ddpm_onnx.json").read_text())["opset"] == 18
+    metadata = json.loads((pipeline / "onnx" / "ddpm_onnx.json").read_text())
+    assert metadata["opset"] == 18 and metadata["source_model"] == ".."
 
 
 @pytest.mark.slow

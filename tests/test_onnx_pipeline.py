@@ -126,8 +126,9 @@ def test_import_and_sampling_work_where_torch_cannot_be_imported(onnx_dir):
 
 @pytest.mark.slow
 def test_1000_step_ddpm_matches_the_pytorch_pipeline(digits_pipelines):
-    # Measured: 1.8e-05 on the tiny random digits UNet (float64 NumPy step vs diffusers' float32 step).
-    assert max_abs_difference(digits_pipelines, 1000) < 1e-3
+    # Measured: 1.3e-05 on the bundled digits model, 1.8e-05 on the tiny random one (float64 NumPy step vs
+    # diffusers' float32 step).
+    assert max_abs_difference(digits_pipelines, 1000) < 1e-4
 
 
 @pytest.mark.parametrize(("num_inference_steps", "variance_type"), [(50, "fixed_large"), (7, "fixed_small")])
