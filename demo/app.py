@@ -40,6 +40,9 @@ DDPM_STEPS = 1000  # the paper samples with all T steps
 DDIM_STEPS = 50
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete generated pictures older than an hour
 MAX_FILE_SIZE = "2mb"  # largest upload
+# Generation, interpolation and bits/dim share one concurrency limit: together they never run more than
+# `--concurrency` model requests at once (and generation never needs more ONNX sessions than the engine holds).
+MODEL_QUEUE = "model"
 
 BACKEND_LABELS = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral, paper)", "ddim": "DDIM"}
@@ -223,16 +226,17 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
 
         run.click(
             generate, [model, backend, sampler, variance_type, steps, num_images, seed, eta],
-            [gallery, progression, summary], api_name="generate",
+            [gallery, progression, summary], api_name="generate", concurrency_id=MODEL_QUEUE,
             api_description="Sample images; returns the gallery, the denoising progression and a summary.",
         )
         run_interpolation.click(
             interpolate, [model, image_a, image_b, timestep, num_lambdas, interpolation_seed],
-            [interpolation, interpolation_summary], api_name="interpolate",
+            [interpolation, interpolation_summary], api_name="interpolate", concurrency_id=MODEL_QUEUE,
             api_description="Interpolate two images in x_t (paper Fig. 8); returns the row of images and a summary.",
         )
         run_bpd.click(
             bits_per_dim, [model, bpd_image, bpd_seed], [bpd_fitted, bpd_summary], api_name="bits_per_dim",
+            concurrency_id=MODEL_QUEUE,
             api_description="The variational bound of an image in bits/dim with its rate and distortion.",
         )
         sampler.change(sampler_controls, sampler, [steps, variance_type, eta], api_visibility="private")
