@@ -317,3 +317,23 @@ def test_an_opset_newer_than_the_runtime_is_reported(export_copy):
     onnx.save(model, str(export_copy / "model.onnx"))
     with pytest.raises(OnnxModelError, match="opset is not supported by this onnxruntime"):
         OnnxDDPMPipeline.from_pretrained(export_copy, provider="cpu")
+
+
+# --- The bundled digits model's export. ---
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "onnx" / "ddpm_onnx.json").is_file(), reason="no bundled ONNX export")
+def test_bundled_onnx_export_matches_the_bundled_weights():
+    import torch
+    from diffusers import UNet2DModel
+
+    pipe = OnnxDDPMPipeline.from_pretrained(BUNDLED_MODEL, provider="cpu", num_threads=1)  # finds onnx/
+    assert pipe.metadata["preset"] == "digits" and pipe.metadata["source_model"] == ".."
+    unet = UNet2DModel.from_pretrained(BUNDLED_MODEL, subfolder="unet", use_safetensors=True).eval()
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((4, *pipe.image_shape), dtype=np.float32)
+    timestep = np.array([0, 10, 500, 999], dtype=np.int64)
+    with torch.no_grad():
+        expected = unet(torch.from_numpy(sample), torch.from_numpy(timestep)).sample.numpy()
+    (actual,) = pipe.session.run(None, {"sample": sample, "timestep": timestep})
+    assert np.abs(actual - expected).max() < 1e-4  # a stale export (weights retrained) fails here
