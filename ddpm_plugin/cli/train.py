@@ -58,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as error:
         print(f"ddpm train: error: {error}", file=sys.stderr)
         return 1
-    print(f"trained {result.step} steps (loss {result.loss:.4f}); pipeline saved to {result.pipeline_dir}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one line per run, not per process
+        print(f"trained {result.step} steps (loss {result.loss:.4f}); pipeline saved to {result.pipeline_dir}")
     return 0
