@@ -105,11 +105,16 @@ def physical_cpu_count() -> int:
 
 
 def session_options(num_threads: int | None = None) -> ort.SessionOptions:
-    """All graph optimisations (including the NCHWc layout on CPU), one intra-op thread per physical core."""
+    """All graph optimisations (including the NCHWc layout on CPU), one intra-op thread per physical core,
+    no spinning."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = num_threads or physical_cpu_count()
     options.inter_op_num_threads = 1
+    # Idle threads sleep instead of spinning: on shared cores (a demo serving several requests, CI, a busy
+    # laptop) spinning threads steal the cores the work needs. Measured on 2 busy cores, 2 threads: digits
+    # step 2.3 -> 1.4 ms, cifar10 step 310 -> 222 ms.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: ORT's warnings here are about fallbacks we chose on purpose
     return options
