@@ -193,3 +193,12 @@ def test_ddpm_train_on_bad_data_fails_naming_the_file(tmp_path, capsys):
     assert code == 2
     assert "bad.png: unreadable image" in capsys.readouterr().err
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_gradient_accumulation_and_bf16_autocast_runs_record_their_data_position(tmp_path):
+    result = train(TrainingConfig(**QUICK, output_dir=str(tmp_path), max_steps=2, gradient_accumulation_steps=2,
+                                  mixed_precision="bf16"))
+    assert result.step == 2 and result.loss == result.loss  # finite, not NaN
+    state = load_checkpoint(tmp_path / "checkpoints" / "checkpoint-00000002").trainer_state
+    assert state["data_position"] == {"micro_step": 4, "permutation_seed": 0, "global_micro_batch": 4}
+    assert next(result.unet.parameters()).dtype == torch.float32  # autocast, not bf16 weights
