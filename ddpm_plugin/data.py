@@ -43,6 +43,10 @@ class TensorImageDataset:
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index]
 
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        """A whole batch in one indexing operation (`DataLoader` calls this instead of `__getitem__` per item)."""
+        return self.images[indices]
+
 
 class ImageFolderDataset:
     """Image files under a folder (recursively), decoded on access; their headers are checked up front."""

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -73,6 +74,7 @@ class TrainingConfig:
     seed: int = 0  # seeds the initial weights, the data order and each process's noise
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast of the network's forward pass
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    num_workers: int = 0  # data-loading worker processes per training process (0: load in the training loop)
     channels_last: bool = True  # NHWC memory layout for the convolutions
     checkpointing_steps: int = 5000  # optimizer steps between checkpoints (0: only at the end)
     checkpoints_total_limit: int | None = None  # newest checkpoints kept (None: all)
@@ -149,12 +151,35 @@ def batch_indices(micro_step: int, *, seed: int, num_images: int, global_batch: 
     return cache[epoch][start : start + per_process]
 
 
-def fetch_images(dataset: ImageDataset, indices: torch.Tensor) -> torch.Tensor:
-    """uint8 images [B, C, H, W] at `indices`, gathered in one go when the data set is in memory."""
-    images = getattr(dataset, "images", None)
-    if isinstance(images, torch.Tensor):
-        return images[indices]
-    return torch.stack([dataset[int(i)] for i in indices])
+class StepBatchSampler:
+    """This process's micro-batch indices for micro-steps `start`, `start + 1`, ... (see `batch_indices`), so a
+    resumed run starts at its step without iterating through the batches before it."""
+
+    def __init__(self, start: int, **layout: int):
+        self.start, self.layout = start, layout
+
+    def __iter__(self) -> Iterator[list[int]]:
+        cache: dict[int, torch.Tensor] = {}
+        for micro_step in itertools.count(self.start):
+            yield batch_indices(micro_step, cache=cache, **self.layout).tolist()
+
+
+def stack_images(items: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """uint8 [B, C, H, W]; in-memory data sets already return the batch as one tensor (`__getitems__`)."""
+    return items if isinstance(items, torch.Tensor) else torch.stack(items)
+
+
+def image_batches(dataset: ImageDataset, start: int, config: TrainingConfig, global_micro_batch: int, rank: int,
+                  world_size: int) -> Iterator[torch.Tensor]:
+    """This process's uint8 micro-batches from micro-step `start` on, loaded by `config.num_workers` workers."""
+    from torch.utils.data import DataLoader
+
+    sampler = StepBatchSampler(start, seed=config.seed, num_images=len(dataset), global_batch=global_micro_batch,
+                               rank=rank, world_size=world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, collate_fn=stack_images,
+                        pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator())  # else creating the iterator would draw from the global RNG
+    return iter(loader)
 
 
 def training_loss(unet: torch.nn.Module, diffusion: GaussianDiffusion, x_start: torch.Tensor, random_flip: bool) -> torch.Tensor:
@@ -344,69 +369,64 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
         accelerator.init_trackers("tensorboard")
 
     # 4. The loop (Algorithm 1).
-    permutations: dict[int, torch.Tensor] = {}
+    batches = image_batches(dataset, step * config.gradient_accumulation_steps, config, micro_batch, rank, world_size)
     first_bad_step = torch.tensor(-1, device=accelerator.device)  # first step with a non-finite loss
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
     loss_value = float("nan")
-    progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step",
-                    disable=not accelerator.is_main_process)
-    model.train()
-    while step < config.max_steps:
-        lr = learning_rate_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(config.gradient_accumulation_steps):
-            indices = batch_indices(
-                step * config.gradient_accumulation_steps + micro, seed=config.seed, num_images=len(dataset),
-                global_batch=micro_batch, rank=rank, world_size=world_size, cache=permutations,
-            )
-            x_start = to_model_range(fetch_images(dataset, indices)).to(accelerator.device)
-            if config.channels_last:
-                x_start = x_start.contiguous(memory_format=torch.channels_last)
-            last_micro = micro == config.gradient_accumulation_steps - 1
-            with accelerator.no_sync(model) if not last_micro else nullcontext():
-                loss = training_loss(model, diffusion, x_start, config.random_flip)
-                accelerator.backward(loss / config.gradient_accumulation_steps)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(unet.parameters())
-        first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step >= 0), first_bad_step, step + 1)
-        loss_sum += loss.detach()
-        loss_count += 1
-        step += 1
-        progress.update(1)
+    with tqdm(total=config.max_steps, initial=step, desc="train", unit="step",
+              disable=not accelerator.is_main_process) as progress:  # closed on errors too
+        model.train()
+        while step < config.max_steps:
+            lr = learning_rate_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(config.gradient_accumulation_steps):
+                x_start = to_model_range(next(batches).to(accelerator.device, non_blocking=True))
+                if config.channels_last:
+                    x_start = x_start.contiguous(memory_format=torch.channels_last)
+                last_micro = micro == config.gradient_accumulation_steps - 1
+                with accelerator.no_sync(model) if not last_micro else nullcontext():
+                    loss = training_loss(model, diffusion, x_start, config.random_flip)
+                    accelerator.backward(loss / config.gradient_accumulation_steps)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(unet.parameters())
+            first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step >= 0), first_bad_step, step + 1)
+            loss_sum += loss.detach()
+            loss_count += 1
+            step += 1
+            progress.update(1)
 
-        if step % config.log_every == 0 or step == config.max_steps:
-            check_finite(first_bad_step, accelerator, config)
-            loss_value = float(accelerator.reduce(loss_sum, reduction="mean")) / loss_count
-            loss_sum.zero_()
-            loss_count = 0
-            progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # tqdm itself shows steps/s
-            accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}, step=step)
+            if step % config.log_every == 0 or step == config.max_steps:
+                check_finite(first_bad_step, accelerator, config)
+                loss_value = float(accelerator.reduce(loss_sum, reduction="mean")) / loss_count
+                loss_sum.zero_()
+                loss_count = 0
+                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # tqdm itself shows steps/s
+                accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}, step=step)
 
-        if (config.checkpointing_steps and step % config.checkpointing_steps == 0) or step == config.max_steps:
-            check_finite(first_bad_step, accelerator, config)
-            rng_states = gather_object([capture_rng_state()])  # every process's, written by the main one
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    output / "checkpoints", step=step, model=unet.state_dict(), ema=ema.state_dict(names),
-                    optimizer=optimizer.state_dict(), rng_states=rng_states, total_limit=config.checkpoints_total_limit,
-                    trainer_state={"config": asdict(config), "world_size": world_size, "lr": lr,
-                                   "data_position": {"micro_step": step * config.gradient_accumulation_steps,
-                                                     "permutation_seed": config.seed, "global_micro_batch": micro_batch}},
-                )
-            accelerator.wait_for_everyone()
+            if (config.checkpointing_steps and step % config.checkpointing_steps == 0) or step == config.max_steps:
+                check_finite(first_bad_step, accelerator, config)
+                rng_states = gather_object([capture_rng_state()])  # every process's, written by the main one
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        output / "checkpoints", step=step, model=unet.state_dict(), ema=ema.state_dict(names),
+                        optimizer=optimizer.state_dict(), rng_states=rng_states, total_limit=config.checkpoints_total_limit,
+                        trainer_state={"config": asdict(config), "world_size": world_size, "lr": lr,
+                                       "data_position": {"micro_step": step * config.gradient_accumulation_steps,
+                                                         "permutation_seed": config.seed, "global_micro_batch": micro_batch}},
+                    )
+                accelerator.wait_for_everyone()
 
-        if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
-            grid = sample_grid(ema_copy(unet, ema), config, step)
-            (output / "samples").mkdir(exist_ok=True)
-            grid.save(output / "samples" / f"step-{step:08d}.png")
-            if config.log_with == "tensorboard":
-                accelerator.get_tracker("tensorboard").log_images(
-                    {"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC"
-                )
-    progress.close()
+            if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
+                grid = sample_grid(ema_copy(unet, ema), config, step)
+                (output / "samples").mkdir(exist_ok=True)
+                grid.save(output / "samples" / f"step-{step:08d}.png")
+                if config.log_with == "tensorboard":
+                    accelerator.get_tracker("tensorboard").log_images(
+                        {"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC"
+                    )
 
     # 5. The pipeline, with the EMA weights.
     accelerator.wait_for_everyone()

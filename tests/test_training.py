@@ -202,3 +202,14 @@ def test_gradient_accumulation_and_bf16_autocast_runs_record_their_data_position
     state = load_checkpoint(tmp_path / "checkpoints" / "checkpoint-00000002").trainer_state
     assert state["data_position"] == {"micro_step": 4, "permutation_seed": 0, "global_micro_batch": 4}
     assert next(result.unet.parameters()).dtype == torch.float32  # autocast, not bf16 weights
+
+
+def test_image_folder_trains_with_loader_workers(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(16):
+        Image.new("L", (8, 8), color=16 * i).save(tmp_path / "images" / f"{i}.png")
+    result = train(TrainingConfig(**QUICK, output_dir=str(tmp_path / "out"), dataset=str(tmp_path / "images"),
+                                  max_steps=3, num_workers=1))
+    assert result.step == 3 and (tmp_path / "out" / "pipeline" / "model_index.json").is_file()
