@@ -148,8 +148,9 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"checkpoint-{step:08d}"
+    for unfinished in directory.glob(f"{TEMP_PREFIX}*"):  # left by a run killed mid-write; one writer per folder
+        shutil.rmtree(unfinished, ignore_errors=True)
     temp = directory / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
 
     optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer)
