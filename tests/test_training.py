@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import torch
