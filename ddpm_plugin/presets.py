@@ -8,9 +8,10 @@ paper's networks; `mnist` and `digits` are small networks of the same design for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from diffusers import UNet2DModel
+if TYPE_CHECKING:  # diffusers imports torch: loaded only when a network is built
+    from diffusers import UNet2DModel
 
 VarianceType = Literal["fixed_large", "fixed_small"]
 
@@ -136,10 +137,12 @@ class PaperUNet2DModel:
     ```
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> UNet2DModel:
+    def __new__(cls, *args: Any, **kwargs: Any) -> "UNet2DModel":
         raise TypeError("build the network with `PaperUNet2DModel.from_preset(name, **overrides)`.")
 
     @staticmethod
-    def from_preset(name: str, **overrides: Any) -> UNet2DModel:
+    def from_preset(name: str, **overrides: Any) -> "UNet2DModel":
         """A freshly initialised network of preset `name`; `overrides` replace `UNet2DModel` arguments."""
+        from diffusers import UNet2DModel
+
         return UNet2DModel(**get_preset(name).unet_config(**overrides))

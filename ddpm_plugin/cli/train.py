@@ -20,7 +20,7 @@ def _field_help(config_class: type) -> dict[str, str]:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--kebab-case` flag per `TrainingConfig` field, typed as the field; recipe fields default to the preset."""
-    from ddpm_plugin.training import RECIPE_FIELDS, TrainingConfig
+    from ddpm_plugin.training_config import RECIPE_FIELDS, TrainingConfig
 
     hints = typing.get_type_hints(TrainingConfig)
     helps = _field_help(TrainingConfig)
