@@ -151,6 +151,8 @@ def export_onnx(
     scheduler_config = model_dir / SCHEDULER_CONFIG
     if not (model_dir / "unet").is_dir() or not scheduler_config.is_file():
         raise FileNotFoundError(f"{model_dir} is not a pipeline folder (it needs unet/ and {SCHEDULER_CONFIG}).")
+    if output_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"write the export to its own folder, such as {model_dir / 'onnx'}, not into {model_dir}.")
     opset = DEFAULT_OPSET if opset is None else int(opset)
     tolerance = DEFAULT_TOLERANCE[fp16] if tolerance is None else float(tolerance)
     unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=True).eval()

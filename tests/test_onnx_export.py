@@ -65,9 +65,11 @@ def test_export_fails_loudly_over_the_tolerance_and_leaves_no_model(tiny_pipelin
     assert not (tmp_path / "onnx" / "ddpm_onnx.json").exists()
 
 
-def test_export_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
+def test_export_rejects_a_folder_that_is_not_a_pipeline_and_writing_over_the_pipeline(tmp_path, tiny_pipeline_dir):
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
         export_onnx(tmp_path, tmp_path / "onnx")
+    with pytest.raises(ValueError, match="its own folder"):
+        export_onnx(tiny_pipeline_dir, tiny_pipeline_dir)
 
 
 def test_detect_preset_names_the_architecture():
