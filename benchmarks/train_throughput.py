@@ -2,20 +2,24 @@
 
 Stock: `UNet2DModel` (NCHW), `DDPMScheduler.add_noise`, `torch.optim.AdamW` (its CPU default, a per-tensor
 loop), `diffusers.training_utils.EMAModel`, and `loss.item()` every step, as diffusers' `train_unconditional.py`
-does. Ours: the loss of `ddpm_plugin.training` (float64-coefficient `q_sample`), channels-last memory, fused Adam,
-the foreach EMA, no host synchronisation, in fp32 and under bf16 autocast (`--mixed-precision bf16`; this
-machine's CPUs have AVX512-BF16). Both clip the global gradient norm to 1.0, start from the same
-weights and see the same batch sizes. Steps of the two loops alternate, so CPU contention hits both alike; the
-median step time is reported.
+does. Ours: the loss of `ddpm_plugin.training` (float64-coefficient `q_sample`), the preset's default memory layout
+(`TrainingConfig.channels_last`: NCHW for 8x8 images, channels-last from 32x32), fused Adam, the foreach EMA, no
+host synchronisation; in fp32 (the default of `ddpm train`), under bf16 autocast (`--mixed-precision bf16`; AVX512-BF16
+CPUs run bf16 convolutions natively) and with the forward compiled by `torch.compile` (`--compile`). Both loops clip
+the global gradient norm to 1.0, start from the same weights and see the same batch sizes. Steps of all loops
+alternate, so CPU contention hits them alike; the median step time is reported. A compiled loop's compile time (its
+first step less a median step, in a fresh inductor cache: what a first `ddpm train --compile` pays) is reported apart.
 
     python benchmarks/train_throughput.py                 # digits (batch 128) and cifar10 (batch 32)
-    python benchmarks/train_throughput.py --presets digits --steps 20 --threads 2 --no-bf16
+    python benchmarks/train_throughput.py --presets digits --variants fp32 compile compile-bf16 --steps 20
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -29,6 +33,9 @@ from ddpm_plugin.scheduler import paper_scheduler
 from ddpm_plugin.training import TrainingConfig, build_optimizer, training_loss
 
 BATCH_SIZES = {"digits": 128, "cifar10": 32}  # cifar10's 128 would take minutes per step on a CPU
+# Our loops: the name shown -> (`mixed_precision`, `compile`) of `TrainingConfig`.
+VARIANTS = {"fp32": ("no", False), "bf16": ("bf16", False), "compile": ("no", True), "compile-bf16": ("bf16", True)}
+DEFAULT_VARIANTS = {"digits": ["fp32", "bf16", "compile-bf16"], "cifar10": ["fp32", "bf16"]}  # ~6 min here
 
 
 def stock_step(preset: str, batch: int) -> Callable[[], None]:
@@ -57,20 +64,22 @@ def stock_step(preset: str, batch: int) -> Callable[[], None]:
     return step
 
 
-def our_step(preset: str, batch: int, mixed_precision: str) -> Callable[[], None]:
+def our_step(preset: str, batch: int, mixed_precision: str, compile: bool) -> Callable[[], None]:
     """One step of `ddpm_plugin.training`'s loop (without Accelerate's wrapping, a no-op on one process)."""
     torch.manual_seed(0)
-    config = TrainingConfig(preset=preset).resolve()
-    unet = PaperUNet2DModel.from_preset(preset).train().to(memory_format=torch.channels_last)
+    config = TrainingConfig(preset=preset, mixed_precision=mixed_precision, compile=compile).resolve()
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    unet = PaperUNet2DModel.from_preset(preset).train().to(memory_format=layout)
     optimizer = build_optimizer(unet, config)
     ema = ExponentialMovingAverage(unet.parameters(), config.ema_decay)
     diffusion = GaussianDiffusion.from_config(paper_scheduler(preset).config)
-    x_start = example_batch(preset, batch).contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    x_start = example_batch(preset, batch).contiguous(memory_format=layout)
+    forward = torch.compile(unet, dynamic=False) if config.compile else unet  # as `training.train` does
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
 
     def step() -> None:
         with autocast:
-            loss = training_loss(unet, diffusion, x_start, config.random_flip)
+            loss = training_loss(forward, diffusion, x_start, config.random_flip)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip_norm)
         optimizer.step()
@@ -85,51 +94,61 @@ def example_batch(preset: str, batch: int) -> torch.Tensor:
     return torch.rand(batch, spec.channels, spec.image_size, spec.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
-def median_step_seconds(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median wall time of each step function, run in alternation."""
+def timed(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time of each step function, run in alternation, and the wall time of each one's first step."""
+    first = {name: timed(step) for name, step in steps.items()}
     for step in steps.values():
-        for _ in range(warmup):
+        for _ in range(warmup - 1):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            times[name].append(timed(step))
+    return {name: statistics.median(values) for name, values in times.items()}, first
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["digits", "cifar10"], help="presets to time")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
+                        help="our loops to time beside the stock one (default: fp32, bf16 and compile-bf16 for digits; fp32 "
+                             "and bf16 for cifar10, whose compilation takes many minutes here)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per loop (default: 12 digits, 2 cifar10)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per loop first")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per loop first (the first compiles)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time our step under bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cold_cache = tempfile.TemporaryDirectory(prefix="inductor-")  # removed at exit
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_cache.name  # time the compilation a first run pays
 
-    print(f"device: cpu, threads: {args.threads}, torch {torch.__version__}, median of alternating steps\n")
-    header = "| preset | batch | stock diffusers loop (img/s) | ours fp32 (img/s) | ours / stock |"
-    rows = []
-    for preset in args.presets:
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"device: cpu ({os.cpu_count()} cores, load average {load} over 1/5/15 min), threads: {args.threads}, "
+          f"torch {torch.__version__}; median of alternating steps, images/s (ratio to the stock loop)\n")
+    chosen = {preset: args.variants or DEFAULT_VARIANTS.get(preset, ["fp32", "bf16"]) for preset in args.presets}
+    columns = [name for name in VARIANTS if any(name in variants for variants in chosen.values())]
+    rows, compile_rows = [], []
+    for preset, variants in chosen.items():
         batch = BATCH_SIZES.get(preset, get_preset(preset).batch_size)
-        steps = {"stock": stock_step(preset, batch), "ours": our_step(preset, batch, "no")}
-        if args.bf16:
-            steps["ours bf16"] = our_step(preset, batch, "bf16")
+        steps = {"stock": stock_step(preset, batch)}
+        steps.update({name: our_step(preset, batch, *VARIANTS[name]) for name in variants})
         repeats = args.steps or (12 if get_preset(preset).image_size <= 8 else 2)
-        seconds = median_step_seconds(steps, repeats, args.warmup)
+        seconds, first = measure(steps, repeats, max(1, args.warmup))
         speed = {name: batch / value for name, value in seconds.items()}
-        row = f"| {preset} | {batch} | {speed['stock']:.1f} | {speed['ours']:.1f} | {speed['ours'] / speed['stock']:.2f}x |"
-        if args.bf16:
-            row += f" {speed['ours bf16']:.1f} | {speed['ours bf16'] / speed['stock']:.2f}x |"
-        rows.append(row)
-    if args.bf16:
-        header += " ours bf16 autocast (img/s) | bf16 / stock |"
-    print(header)
-    print("|" + "---|" * header.count(" |"))
+        cells = [f"{speed[name]:.1f} ({speed[name] / speed['stock']:.2f}x)" if name in speed else "-" for name in columns]
+        rows.append(f"| {preset} | {batch} | {speed['stock']:.1f} | " + " | ".join(cells) + " |")
+        compile_rows += [f"| {preset} | {name} | {first[name] - seconds[name]:.0f} |" for name in variants if VARIANTS[name][1]]
+    print("| preset | batch | stock diffusers loop | " + " | ".join(f"ours {name}" for name in columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     print("\n".join(rows))
+    if compile_rows:
+        print("\n| preset | compiled loop | compile time, cold cache (s) |\n|---|---|---|")
+        print("\n".join(compile_rows))
 
 
 if __name__ == "__main__":

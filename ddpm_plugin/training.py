@@ -275,6 +275,8 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
     optimizer = build_optimizer(unet, config)
     model, optimizer = accelerator.prepare(unet, optimizer)
     unet = accelerator.unwrap_model(model)
+    # Compiled for the training forward only; sampling, EMA copies and checkpoints use the plain module.
+    forward = torch.compile(model, dynamic=False) if config.compile else model
     ema = ExponentialMovingAverage(unet.parameters(), config.ema_decay)
     diffusion = GaussianDiffusion.from_config(paper_scheduler(config.preset).config)
     names = parameter_names(unet)
@@ -327,7 +329,7 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
                     x_start = x_start.contiguous(memory_format=torch.channels_last)
                 last_micro = micro == config.gradient_accumulation_steps - 1
                 with accelerator.no_sync(model) if not last_micro else nullcontext():
-                    loss = training_loss(model, diffusion, x_start, config.random_flip)
+                    loss = training_loss(forward, diffusion, x_start, config.random_flip)
                     accelerator.backward(loss / config.gradient_accumulation_steps)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             optimizer.step()
