@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, get_args
 
 from diffusers import DDPMScheduler
@@ -41,7 +42,7 @@ def paper_scheduler(preset: str = "cifar10", **overrides: Any) -> DDPMScheduler:
     ```
     """
     config = {**PAPER_SCHEDULER_CONFIG, "variance_type": get_preset(preset).variance_type, **overrides}
-    unknown = set(overrides) - set(DDPMScheduler.__init__.__code__.co_varnames)
+    unknown = set(overrides) - set(inspect.signature(DDPMScheduler.__init__).parameters)
     if unknown:
         raise ValueError(f"unknown `DDPMScheduler` arguments: {sorted(unknown)}.")
     if config["variance_type"] not in VARIANCE_TYPES:

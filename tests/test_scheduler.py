@@ -18,18 +18,24 @@ def test_paper_scheduler_matches_the_paper():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"variance_type": "fixed_medium"}, "variance_type"),
-        ({"num_train_timesteps": 0}, "num_train_timesteps"),
-        ({"num_train_timesteps": -5}, "num_train_timesteps"),
-        ({"beta_schedule": "quadratic"}, "beta_schedule"),
-        ({"beta_start": 0.5, "beta_end": 0.1}, "beta_start"),
-        ({"prediction_type": "noise"}, "prediction_type"),
-        ({"num_steps": 10}, "unknown"),
+        ({"variance_type": "fixed_medium"}, "`variance_type` must be one of"),
+        ({"num_train_timesteps": 0}, "`num_train_timesteps` must be a positive"),
+        ({"num_train_timesteps": -5}, "`num_train_timesteps` must be a positive"),
+        ({"beta_schedule": "quadratic"}, "`beta_schedule` must be one of"),
+        ({"beta_start": 0.5, "beta_end": 0.1}, "need 0 < `beta_start`"),
+        ({"prediction_type": "noise"}, "`prediction_type` must be one of"),
+        ({"num_steps": 10}, "unknown `DDPMScheduler` arguments: \\['num_steps'\\]"),
     ],
 )
 def test_paper_scheduler_rejects_invalid_overrides(overrides, message):
     with pytest.raises(ValueError, match=message):
         paper_scheduler("cifar10", **overrides)
+
+
+def test_paper_scheduler_accepts_valid_overrides():
+    scheduler = paper_scheduler("digits", variance_type="fixed_small", num_train_timesteps=500, clip_sample=False)
+    assert scheduler.config.variance_type == "fixed_small" and scheduler.config.num_train_timesteps == 500
+    assert not scheduler.config.clip_sample
 
 
 def test_paper_scheduler_rejects_unknown_preset():
