@@ -3,7 +3,7 @@
 Stock: `UNet2DModel` (NCHW), `DDPMScheduler.add_noise`, `torch.optim.AdamW` (its CPU default, a per-tensor
 loop), `diffusers.training_utils.EMAModel`, and `loss.item()` every step, as diffusers' `train_unconditional.py`
 does. Ours: the loss of `ddpm_plugin.training` (float64-coefficient `q_sample`), the preset's default memory layout
-(`TrainingConfig.channels_last`: NCHW for 8x8 images, channels-last from 32x32), fused Adam, the foreach EMA, no
+(`TrainingConfig.for_device`: NCHW on CPU), fused Adam, the foreach EMA, no
 host synchronisation; in fp32 (the default of `ddpm train`), under bf16 autocast (`--mixed-precision bf16`; AVX512-BF16
 CPUs run bf16 convolutions natively) and with the forward compiled by `torch.compile` (`--compile`). Both loops clip
 the global gradient norm to 1.0, start from the same weights and see the same batch sizes. Steps of all loops
@@ -21,6 +21,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -67,7 +68,7 @@ def stock_step(preset: str, batch: int) -> Callable[[], None]:
 def our_step(preset: str, batch: int, mixed_precision: str, compile: bool) -> Callable[[], None]:
     """One step of `ddpm_plugin.training`'s loop (without Accelerate's wrapping, a no-op on one process)."""
     torch.manual_seed(0)
-    config = TrainingConfig(preset=preset, mixed_precision=mixed_precision, compile=compile).resolve()
+    config = TrainingConfig(preset=preset, mixed_precision=mixed_precision, compile=compile).resolve().for_device("cpu")
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     unet = PaperUNet2DModel.from_preset(preset).train().to(memory_format=layout)
     optimizer = build_optimizer(unet, config)
@@ -124,6 +125,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # diffusers' `is_torch_version` is an lru_cache'd pure function: dynamo's note on tracing through it is noise here.
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
     cold_cache = tempfile.TemporaryDirectory(prefix="inductor-")  # removed at exit
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_cache.name  # time the compilation a first run pays
 

@@ -255,6 +255,7 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
         mixed_precision=config.mixed_precision, project_dir=str(output),
         log_with=None if config.log_with == "none" else config.log_with,
     )
+    config = config.for_device(accelerator.device.type)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     micro_batch = config.batch_size // config.gradient_accumulation_steps  # images per micro-step, all processes
     if config.batch_size % (config.gradient_accumulation_steps * world_size):
