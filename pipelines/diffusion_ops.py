@@ -29,3 +29,21 @@ def q_sample(diffusion: GaussianDiffusion, x_start: torch.Tensor, t: torch.Tenso
         extract(diffusion.sqrt_alphas_cumprod, t, x_start.shape) * x_start
         + extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
     )
+
+
+def predict_start_from_noise(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 solved for x_0: x_0 = sqrt(1/alpha_bar_t) x_t - sqrt(1/alpha_bar_t - 1) eps, in x_t's dtype."""
+    assert x_t.shape == eps.shape, f"x_t {tuple(x_t.shape)} and eps {tuple(eps.shape)} differ"
+    return (
+        extract(diffusion.sqrt_recip_alphas_cumprod, t, x_t.shape, x_t.dtype) * x_t
+        - extract(diffusion.sqrt_recipm1_alphas_cumprod, t, x_t.shape, x_t.dtype) * eps
+    )
+
+
+def q_posterior_mean(diffusion: GaussianDiffusion, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: the mean mu~_t(x_t, x_0) of q(x_{t-1} | x_t, x_0), in x_t's dtype."""
+    assert x_start.shape == x_t.shape, f"x_start {tuple(x_start.shape)} and x_t {tuple(x_t.shape)} differ"
+    return (
+        extract(diffusion.posterior_mean_coef1, t, x_t.shape, x_t.dtype) * x_start
+        + extract(diffusion.posterior_mean_coef2, t, x_t.shape, x_t.dtype) * x_t
+    )

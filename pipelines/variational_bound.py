@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from .diffusion_ops import extract
+from .diffusion_ops import extract, predict_start_from_noise, q_posterior_mean
 from .gaussian_diffusion import GaussianDiffusion
 
 # Half the width of one of the 256 bins of 8-bit data mapped to [-1, 1].
@@ -85,17 +85,11 @@ def p_mean_log_variance(
     diffusion: GaussianDiffusion, variance_type: str, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean and log variance of p_theta(x_{t-1} | x_t) and the clipped x_0 prediction, from eps_theta (Eq. 11)."""
+    x_t, eps = x_t.to(torch.float64), model_output.to(torch.float64)
     shape = x_t.shape
-    eps = model_output.to(torch.float64)
     # Eq. 4 solved for x_0, clipped to the data range as the sampler does.
-    pred_x_start = (
-        extract(diffusion.sqrt_recip_alphas_cumprod, t, shape, torch.float64) * x_t
-        - extract(diffusion.sqrt_recipm1_alphas_cumprod, t, shape, torch.float64) * eps
-    ).clamp(-1.0, 1.0)
-    model_mean = (
-        extract(diffusion.posterior_mean_coef1, t, shape, torch.float64) * pred_x_start
-        + extract(diffusion.posterior_mean_coef2, t, shape, torch.float64) * x_t
-    )
+    pred_x_start = predict_start_from_noise(diffusion, x_t, t, eps).clamp(-1.0, 1.0)
+    model_mean = q_posterior_mean(diffusion, pred_x_start, x_t, t)
     model_log_variance = extract(diffusion.model_log_variance(variance_type), t, shape, torch.float64)
     return model_mean, model_log_variance, pred_x_start
 
@@ -117,10 +111,7 @@ def vb_terms_bpd(
     assert x_start.shape == x_t.shape == model_output.shape and t.shape == x_start.shape[:1]
     x_start, x_t = x_start.to(torch.float64), x_t.to(torch.float64)
     shape = x_t.shape
-    true_mean = (
-        extract(diffusion.posterior_mean_coef1, t, shape, torch.float64) * x_start
-        + extract(diffusion.posterior_mean_coef2, t, shape, torch.float64) * x_t
-    )
+    true_mean = q_posterior_mean(diffusion, x_start, x_t, t)
     true_log_variance = extract(diffusion.posterior_log_variance_clipped, t, shape, torch.float64)
     model_mean, model_log_variance, pred_x_start = p_mean_log_variance(diffusion, variance_type, model_output, x_t, t)
     kl_bpd = mean_flat(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / math.log(2.0)
