@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .images import make_grid
+from .images import make_grid, snapshot_grid
 from .pipelines.pipeline_ddpm_paper import (
     InterpolationOutput,
     ProgressiveGenerationOutput,
@@ -49,10 +49,7 @@ def plot_rate_distortion(curve: RateDistortionOutput, title: str | None = None) 
 
 def progression_grid(progression: ProgressiveGenerationOutput, scale: int = 4) -> Image.Image:
     """Paper Fig. 6: one row of x_t and one row of the predicted x_0 per image, snapshots left to right (t falling)."""
-    num_snapshots, batch_size = progression.x_t.shape[:2]
-    rows = np.stack([progression.x_t, progression.pred_original_sample], axis=1)  # [S, 2, B, H, W, C]
-    rows = rows.transpose(2, 1, 0, 3, 4, 5).reshape(-1, *progression.x_t.shape[2:])  # image-major rows of S
-    return make_grid(rows, nrow=num_snapshots, scale=scale)
+    return snapshot_grid(progression.x_t, progression.pred_original_sample, scale=scale)
 
 
 def reconstruction_grid(

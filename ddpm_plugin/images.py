@@ -33,3 +33,16 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 1, sca
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     return picture
+
+
+def snapshot_grid(
+    x_t: np.ndarray, pred_original_sample: np.ndarray, scale: int = 1, max_images: int | None = None
+) -> Image.Image:
+    """The denoising progression (paper Fig. 6) from snapshots [S, B, H, W, C]: for each image one row of x_t and
+    one row of the predicted x_0, snapshots left to right (t falling); at most `max_images` images."""
+    if x_t.shape != pred_original_sample.shape or x_t.ndim != 5:
+        raise ValueError(f"snapshots must both be [S, B, H, W, C], got {x_t.shape} and {pred_original_sample.shape}.")
+    num_snapshots = x_t.shape[0]
+    rows = np.stack([x_t, pred_original_sample], axis=1)[:, :, :max_images]  # [S, 2, B, H, W, C]
+    rows = rows.transpose(2, 1, 0, 3, 4, 5).reshape(-1, *x_t.shape[2:])  # image-major rows of S
+    return make_grid(rows, nrow=num_snapshots, scale=scale)

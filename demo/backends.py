@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from ddpm_plugin.images import make_grid, to_uint8
+from ddpm_plugin.images import make_grid, snapshot_grid, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -463,13 +463,8 @@ def gallery_images(images: np.ndarray) -> list[Image.Image]:
 def progression_picture(generation: Generation) -> Image.Image:
     """The denoising progression (paper Fig. 6): for each of the first `PROGRESSION_IMAGES` images a row of
     x_t and a row of the predicted x_0, one column per snapshot from t = T (left) to t = 0 (right)."""
-    num_snapshots, num_images = generation.x_t.shape[:2]
-    rows = [
-        row for j in range(min(num_images, PROGRESSION_IMAGES))
-        for row in (generation.x_t[:, j], generation.pred_original_sample[:, j])
-    ]
-    tiles = np.concatenate(rows)  # (2 * images * snapshots, H, W, C), row-major
-    return make_grid(tiles, nrow=num_snapshots, scale=display_scale(tiles.shape[1], PROGRESSION_PIXELS))
+    scale = display_scale(generation.x_t.shape[2], PROGRESSION_PIXELS)
+    return snapshot_grid(generation.x_t, generation.pred_original_sample, scale=scale, max_images=PROGRESSION_IMAGES)
 
 
 def interpolation_picture(images: np.ndarray, interpolants: np.ndarray) -> Image.Image:
