@@ -53,3 +53,35 @@ def test_saved_preset_loads_as_stock_unet(tmp_path):
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
     with torch.no_grad():
         assert torch.equal(unet(x, t).sample, stock(x, t).sample)
+
+
+def _uniform_limit(weight: torch.Tensor) -> float:
+    """Glorot/fan-average uniform bound sqrt(6 / (fan_in + fan_out)) of a conv or dense weight."""
+    receptive = weight[0, 0].numel() if weight.ndim > 2 else 1
+    return (6.0 / ((weight.shape[0] + weight.shape[1]) * receptive)) ** 0.5
+
+
+def test_presets_initialise_as_the_papers_code():
+    torch.manual_seed(0)
+    unet = PaperUNet2DModel.from_preset("cifar10")
+    modules = dict(unet.named_modules())
+    zero_layers = ["conv_out", "down_blocks.0.resnets.0.conv2", "mid_block.resnets.1.conv2",
+                   "up_blocks.2.resnets.2.conv2", "down_blocks.1.attentions.0.to_out.0", "mid_block.attentions.0.to_out.0"]
+    for name in zero_layers:
+        # variance_scaling(1e-10): the Glorot bound times sqrt(1e-10).
+        weight = modules[name].weight
+        assert 0 < weight.abs().max() <= 1e-5 * _uniform_limit(weight), name
+    for name in ["conv_in", "down_blocks.0.resnets.0.conv1", "down_blocks.1.attentions.0.to_q",
+                 "time_embedding.linear_1", "up_blocks.0.resnets.0.conv_shortcut", "down_blocks.0.downsamplers.0.conv"]:
+        weight, limit = modules[name].weight, _uniform_limit(modules[name].weight)
+        assert weight.abs().max() <= limit
+        # A uniform draw on [-a, a] has standard deviation a / sqrt(3); PyTorch's default (kaiming, a=sqrt(5)) does not.
+        assert weight.std().item() == pytest.approx(limit / 3**0.5, rel=0.1), name
+    biases = [m.bias for m in modules.values() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None]
+    assert biases and all(not b.any() for b in biases)
+    norms = [m for m in modules.values() if isinstance(m, torch.nn.GroupNorm)]
+    assert all(torch.all(m.weight == 1) and not m.bias.any() for m in norms)
+    # The network starts as the paper's: it predicts eps = 0 for any input.
+    with torch.no_grad():
+        eps = unet(torch.randn(1, 3, 32, 32), torch.tensor([500])).sample
+    assert eps.abs().max() < 1e-6
