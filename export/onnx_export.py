@@ -16,28 +16,39 @@ A pipeline folder may carry its export in an `onnx/` sub-folder (`ddpm export --
 the demo and the Hub publisher look there. [`OnnxDDPMPipeline`] loads such a folder without torch.
 
 Only the UNet is exported: the sampling loop stays in Python (an ONNX `Loop` around the UNet measured 24-50%
-slower on CPU and rules out CUDA graphs). The legacy TorchScript exporter is used: it takes seconds (the
-`dynamo=True` exporter takes 25-45 s for cifar10, needs onnxscript, and gives the same speed).
+slower on CPU and rules out CUDA graphs). The maintained `torch.onnx.export(..., dynamo=True)` exporter (it needs
+onnxscript) is the default; the TorchScript exporter, deprecated by torch, stays available as
+`exporter="torchscript"` while torch ships it.
+
+`ddpm_onnx.json` records the sha256 of the safetensors weights it was exported from (`source_weights_sha256`),
+so a pipeline folder retrained after its export is recognised (`ddpm_plugin.export.freshness`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from .freshness import WEIGHTS_NAME, weights_sha256
 from .onnx_pipeline import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, SCHEDULER_CONFIG
 
 INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAME = "noise_pred"
-DEFAULT_OPSET = 17
+Exporter = Literal["dynamo", "torchscript"]
+EXPORTERS: tuple[str, ...] = ("dynamo", "torchscript")
+# Default and supported opsets of each exporter (the dynamo exporter writes opset 18 and newer; the TorchScript
+# one 7..20, and the UNet's GroupNorm/attention need 11 or newer).
+DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
+OPSET_RANGE = {"dynamo": (18, 23), "torchscript": (11, 20)}
 # Max |eps_onnx - eps_torch| allowed on random inputs; fp32 exports measure <= 7.5e-6 for the paper UNets.
 DEFAULT_TOLERANCE = {False: 1e-4, True: 5e-2}
 EXPORT_BATCH_SIZE = 2  # the traced example batch; validation uses another size to prove the batch axis dynamic
@@ -55,6 +66,7 @@ class OnnxExportReport:
         output_dir (`Path`): The export folder.
         model_path (`Path`): `output_dir / "model.onnx"`.
         opset (`int`): The ONNX opset of the model.
+        exporter (`str`): `"dynamo"` or `"torchscript"`.
         fp16 (`bool`): Whether the weights and activations are float16 (inputs and outputs stay float32).
         max_abs_error (`float`): Max |eps_onnx - eps_torch| over the validation inputs.
         tolerance (`float`): The bound `max_abs_error` was checked against.
@@ -65,6 +77,7 @@ class OnnxExportReport:
     output_dir: Path
     model_path: Path
     opset: int
+    exporter: str
     fp16: bool
     max_abs_error: float
     tolerance: float
@@ -72,23 +85,31 @@ class OnnxExportReport:
     export_seconds: float
 
 
-class _EpsilonModel:
-    """Builds the `torch.nn.Module` that maps (sample, timestep) to eps_theta as a plain tensor."""
+def epsilon_model(unet: Any, fp16: bool) -> Any:
+    """The `torch.nn.Module` that maps (sample, timestep) to eps_theta as a plain float32 tensor."""
+    import torch
 
-    @staticmethod
-    def wrap(unet: Any, fp16: bool) -> Any:
-        import torch
+    class EpsilonModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = unet.half() if fp16 else unet
 
-        class EpsilonModel(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.unet = unet.half() if fp16 else unet
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            # float32 in and out even for fp16 weights, so the NumPy sampler never sees float16.
+            return self.unet(sample.to(self.unet.dtype), timestep).sample.float()
 
-            def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-                # float32 in and out even for fp16 weights, so the NumPy sampler never sees float16.
-                return self.unet(sample.to(self.unet.dtype), timestep).sample.float()
+    return EpsilonModel().eval()
 
-        return EpsilonModel().eval()
+
+def check_export_arguments(exporter: str, opset: int, tolerance: float) -> None:
+    """Refuse settings no export can satisfy, before anything is loaded or written."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"`exporter` must be one of {EXPORTERS}, got {exporter!r}.")
+    low, high = OPSET_RANGE[exporter]
+    if not low <= opset <= high:
+        raise ValueError(f"the {exporter} exporter writes opsets {low}..{high}, got --opset {opset}.")
+    if not (tolerance > 0 and np.isfinite(tolerance)):
+        raise ValueError(f"`tolerance` (the max |eps_onnx - eps_torch| allowed) must be a positive number, got {tolerance!r}.")
 
 
 def detect_preset(unet_config: dict[str, Any]) -> str | None:
@@ -112,6 +133,7 @@ def export_onnx(
     opset: int | None = None,
     fp16: bool = False,
     *,
+    exporter: Exporter = "dynamo",
     tolerance: float | None = None,
     validation_batch_size: int = 3,
     seed: int | None = None,
@@ -124,10 +146,13 @@ def export_onnx(
             A pipeline folder (`unet/` and `scheduler/`), as `DDPMPaperPipeline.save_pretrained` writes it.
         output_dir (`str` or `os.PathLike`):
             Where to write the export (created; existing export files are replaced).
-        opset (`int`, *optional*, defaults to 17):
-            The ONNX opset (7..20 with the TorchScript exporter).
+        opset (`int`, *optional*):
+            The ONNX opset: 18 by default with the dynamo exporter (18..23), 17 with the TorchScript one (11..20).
         fp16 (`bool`, *optional*, defaults to `False`):
             Float16 weights and activations for GPUs; the model's inputs and outputs stay float32.
+        exporter (`str`, *optional*, defaults to `"dynamo"`):
+            `"dynamo"` (`torch.onnx.export(..., dynamo=True)`, needs onnxscript) or `"torchscript"` (deprecated
+            by torch; kept while torch ships it).
         tolerance (`float`, *optional*):
             Max allowed |eps_onnx - eps_torch|; defaults to 1e-4 (fp32) or 5e-2 (fp16).
         validation_batch_size (`int`, *optional*, defaults to 3):
@@ -139,7 +164,8 @@ def export_onnx(
         [`OnnxExportReport`]: paths, opset, the measured max abs error and the tolerance.
 
     Raises:
-        `OnnxValidationError`: the export disagrees with PyTorch beyond `tolerance` (nothing is left behind).
+        `OnnxValidationError`: the export disagrees with PyTorch beyond `tolerance`. Nothing is left behind
+        when an export fails: a folder it created is removed, and an earlier export in `output_dir` is kept.
     """
     import torch
     from diffusers import UNet2DModel
@@ -148,41 +174,43 @@ def export_onnx(
 
     started = time.perf_counter()
     model_dir, output_dir = Path(model_dir), Path(output_dir)
+    opset = DEFAULT_OPSET.get(exporter, 0) if opset is None else int(opset)
+    tolerance = DEFAULT_TOLERANCE[fp16] if tolerance is None else float(tolerance)
+    check_export_arguments(exporter, opset, tolerance)
     scheduler_config = model_dir / SCHEDULER_CONFIG
-    if not (model_dir / "unet").is_dir() or not scheduler_config.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a pipeline folder (it needs unet/ and {SCHEDULER_CONFIG}).")
+    weights = model_dir / "unet" / WEIGHTS_NAME
+    if not weights.is_file() or not scheduler_config.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a pipeline folder (it needs unet/{WEIGHTS_NAME} and {SCHEDULER_CONFIG}).")
     if output_dir.resolve() == model_dir.resolve():
         raise ValueError(f"write the export to its own folder, such as {model_dir / 'onnx'}, not into {model_dir}.")
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    tolerance = DEFAULT_TOLERANCE[fp16] if tolerance is None else float(tolerance)
     unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=True).eval()
     sample_size = unet.config.sample_size
     if not isinstance(sample_size, int):
         raise ValueError(f"only square UNets are supported, got `sample_size` {sample_size!r}.")
     image_shape = (unet.config.in_channels, sample_size, sample_size)
-    reference = _EpsilonModel.wrap(UNet2DModel.from_config(unet.config).eval(), fp16=False)
+    reference = epsilon_model(UNet2DModel.from_config(unet.config).eval(), fp16=False)
     reference.unet.load_state_dict(unet.state_dict())
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(f"{MODEL_FILE}*"):
-        stale.unlink()
-    model_path = output_dir / MODEL_FILE
-    _trace_to_onnx(_EpsilonModel.wrap(unet, fp16), image_shape, model_path, opset)
-    _freeze_reshape_targets(model_path)
+    # Written in a sibling temporary folder and moved into place only once validated.
+    staging = output_dir.parent / f".{output_dir.name}.export-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     try:
+        model_path = staging / MODEL_FILE
+        _export(epsilon_model(unet, fp16), image_shape, model_path, opset, exporter)
+        _freeze_reshape_targets(model_path)
         max_abs_error = _max_abs_error(model_path, reference, image_shape, validation_batch_size, seed)
         if not max_abs_error <= tolerance:
             raise OnnxValidationError(
                 f"the ONNX model disagrees with PyTorch: max |eps_onnx - eps_torch| = {max_abs_error:.3g} exceeds "
-                f"the tolerance {tolerance:.3g} (opset {opset}, fp16={fp16})."
+                f"the tolerance {tolerance:.3g} (opset {opset}, {exporter} exporter, fp16={fp16})."
             )
-    except Exception:
-        for written in output_dir.glob(f"{MODEL_FILE}*"):
-            written.unlink()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
-    (output_dir / SCHEDULER_CONFIG).parent.mkdir(exist_ok=True)
-    shutil.copyfile(scheduler_config, output_dir / SCHEDULER_CONFIG)
+    (staging / SCHEDULER_CONFIG).parent.mkdir()
+    shutil.copyfile(scheduler_config, staging / SCHEDULER_CONFIG)
     preset = detect_preset(dict(unet.config))
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -192,20 +220,33 @@ def export_onnx(
         "sample_size": sample_size,
         "in_channels": unet.config.in_channels,
         "opset": opset,
+        "exporter": exporter,
         "fp16": fp16,
         "max_abs_error": max_abs_error,
         "tolerance": tolerance,
         "preset": preset,
         "source_model": _source_model(model_dir, output_dir),
+        "source_weights_sha256": weights_sha256(weights),
         "ddpm_plugin_version": ddpm_plugin.__version__,
         "torch_version": torch.__version__,
     }
-    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    report = OnnxExportReport(
-        output_dir=output_dir, model_path=model_path, opset=opset, fp16=fp16, max_abs_error=max_abs_error,
-        tolerance=tolerance, preset=preset, export_seconds=time.perf_counter() - started,
+    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    _replace_folder(staging, output_dir)
+    return OnnxExportReport(
+        output_dir=output_dir, model_path=output_dir / MODEL_FILE, opset=opset, exporter=exporter, fp16=fp16,
+        max_abs_error=max_abs_error, tolerance=tolerance, preset=preset, export_seconds=time.perf_counter() - started,
     )
-    return report
+
+
+def _replace_folder(staging: Path, output_dir: Path) -> None:
+    """Move the validated export into `output_dir`, replacing the export files there (other files stay)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*output_dir.glob(f"{MODEL_FILE}*"), output_dir / METADATA_FILE]:
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(output_dir / Path(SCHEDULER_CONFIG).parent, ignore_errors=True)
+    for item in staging.iterdir():
+        os.replace(item, output_dir / item.name)
+    staging.rmdir()
 
 
 def _source_model(model_dir: Path, output_dir: Path) -> str:
@@ -215,8 +256,8 @@ def _source_model(model_dir: Path, output_dir: Path) -> str:
     return os.path.relpath(source, output) if output.is_relative_to(source) else str(source)
 
 
-def _trace_to_onnx(model: Any, image_shape: tuple[int, int, int], path: Path, opset: int) -> None:
-    """TorchScript-trace `model` at batch EXPORT_BATCH_SIZE with a dynamic batch axis."""
+def _export(model: Any, image_shape: tuple[int, int, int], path: Path, opset: int, exporter: str) -> None:
+    """Export `model` from an example at batch EXPORT_BATCH_SIZE with a dynamic batch axis."""
     import torch
 
     dtype = next(model.parameters()).dtype
@@ -224,15 +265,30 @@ def _trace_to_onnx(model: Any, image_shape: tuple[int, int, int], path: Path, op
         torch.randn(EXPORT_BATCH_SIZE, *image_shape, dtype=torch.float32),
         torch.randint(0, 1000, (EXPORT_BATCH_SIZE,), dtype=torch.int64),
     )
-    batch = {0: "batch"}
+    names = {"input_names": list(INPUT_NAMES), "output_names": [OUTPUT_NAME]}
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
     with warnings.catch_warnings(), torch.no_grad():
-        # The legacy exporter's deprecation notice and diffusers' shape asserts (TracerWarning) are expected.
+        # Expected notices: the TorchScript exporter's deprecation and diffusers' shape asserts (TracerWarning);
+        # the dynamo exporter's note that torchvision's operators are not registered.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, example, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAMES[0]: batch, INPUT_NAMES[1]: batch, OUTPUT_NAME: batch},
-        )
+        exporter_log.setLevel(logging.ERROR)
+        try:
+            if exporter == "dynamo":
+                batch = torch.export.Dim("batch", min=1, max=1 << 16)
+                program = torch.onnx.export(
+                    model, example, dynamo=True, opset_version=opset, verbose=False, optimize=True,
+                    dynamic_shapes={INPUT_NAMES[0]: {0: batch}, INPUT_NAMES[1]: {0: batch}}, **names,
+                )
+                program.save(str(path))
+            else:
+                axes = {0: "batch"}
+                torch.onnx.export(
+                    model, example, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+                    dynamic_axes={INPUT_NAMES[0]: axes, INPUT_NAMES[1]: axes, OUTPUT_NAME: axes}, **names,
+                )
+        finally:
+            exporter_log.setLevel(level)
     if dtype == torch.float16:
         _check_float32_interface(path)
 
@@ -329,6 +385,3 @@ def _max_abs_error(
     (actual,) = session.run(None, {INPUT_NAMES[0]: sample, INPUT_NAMES[1]: timestep})
     return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
 
-
-def report_as_dict(report: OnnxExportReport) -> dict[str, Any]:
-    return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(report).items()}

@@ -56,6 +56,12 @@ def tiny_pipeline():
     return make_tiny_pipeline()
 
 
+@pytest.fixture
+def tiny_pipeline_factory():
+    """`make_tiny_pipeline(seed=..., variance_type=...)`: a fresh tiny pipeline per call."""
+    return make_tiny_pipeline
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A saved tiny digits pipeline (random weights). Tests must not modify it."""

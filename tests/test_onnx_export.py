@@ -1,52 +1,63 @@
-"""ONNX export: the folder layout, validation against PyTorch, and `ddpm export`."""
+"""ONNX export: the folder layout, validation against PyTorch with both exporters, refused settings, the weights
+hash that recognises a stale export, and `ddpm export`."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+import torch
+from diffusers import UNet2DModel
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from ddpm_plugin.export.onnx_export import OnnxValidationError, detect_preset, export_onnx  # noqa: E402
+from ddpm_plugin.export.freshness import StaleExportError, check_export_fresh, weights_sha256
+from ddpm_plugin.export.onnx_export import OnnxValidationError, detect_preset, export_onnx
 
 
-@pytest.fixture(scope="module")
-def export_report(tiny_pipeline_dir, tmp_path_factory):
-    return export_onnx(tiny_pipeline_dir, tmp_path_factory.mktemp("export") / "onnx", seed=0)
+@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
+def export_report(request, tiny_pipeline_dir, tmp_path_factory):
+    return export_onnx(tiny_pipeline_dir, tmp_path_factory.mktemp("export") / "onnx", seed=0, exporter=request.param)
 
 
 def test_export_writes_the_documented_folder(export_report, tiny_pipeline_dir):
     folder = export_report.output_dir
-    assert (folder / "model.onnx").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["ddpm_onnx.json", "model.onnx", "scheduler"]
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == json.loads(
         (tiny_pipeline_dir / "scheduler" / "scheduler_config.json").read_text()
     )
     metadata = json.loads((folder / "ddpm_onnx.json").read_text())
     assert metadata["sample_size"] == 8 and metadata["in_channels"] == 1
-    assert metadata["opset"] == export_report.opset == 17 and metadata["fp16"] is False
-    assert metadata["max_abs_error"] == export_report.max_abs_error
+    assert metadata["exporter"] == export_report.exporter
+    assert metadata["opset"] == export_report.opset == {"dynamo": 18, "torchscript": 17}[export_report.exporter]
+    assert metadata["fp16"] is False and metadata["max_abs_error"] == export_report.max_abs_error
     assert metadata["source_model"] == str(tiny_pipeline_dir.resolve())
+    assert metadata["source_weights_sha256"] == weights_sha256(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert metadata["ddpm_plugin_version"]
 
 
-def test_export_agrees_with_pytorch_on_random_inputs(export_report):
-    assert 0 <= export_report.max_abs_error <= 1e-4 == export_report.tolerance
-
-
-def test_exported_model_has_dynamic_batch_and_int64_timestep(export_report):
+def test_exported_model_matches_pytorch_at_every_batch_size(export_report, tiny_pipeline_dir):
+    """Checked here independently of the export's own validation: other inputs, other batch sizes."""
     model = onnx.load(str(export_report.model_path))
     sample, timestep = model.graph.input
     dims = [d.dim_param or d.dim_value for d in sample.type.tensor_type.shape.dim]
-    assert dims == ["batch", 1, 8, 8]
+    assert isinstance(dims[0], str) and dims[1:] == [1, 8, 8]
     assert timestep.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    unet = UNet2DModel.from_pretrained(tiny_pipeline_dir, subfolder="unet").eval()
     session = ort.InferenceSession(str(export_report.model_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
     for batch_size in (1, 5):
-        (eps,) = session.run(None, {"sample": np.zeros((batch_size, 1, 8, 8), np.float32),
-                                    "timestep": np.arange(batch_size, dtype=np.int64)})
-        assert eps.shape == (batch_size, 1, 8, 8)
+        x = rng.standard_normal((batch_size, 1, 8, 8), dtype=np.float32)
+        t = rng.integers(0, 1000, batch_size)
+        (eps,) = session.run(None, {"sample": x, "timestep": t})
+        with torch.no_grad():
+            expected = unet(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+        assert np.abs(expected).max() > 0.1  # a live network, so the comparison means something
+        np.testing.assert_allclose(eps, expected, atol=1e-4, rtol=0)
 
 
 def test_reshape_targets_are_constants_so_no_shape_arithmetic_runs_per_step(export_report):
@@ -58,11 +69,34 @@ def test_reshape_targets_are_constants_so_no_shape_arithmetic_runs_per_step(expo
     assert reshapes and all(node.input[1] in constants for node in reshapes)
 
 
-def test_export_fails_loudly_over_the_tolerance_and_leaves_no_model(tiny_pipeline_dir, tmp_path):
+def test_export_over_the_tolerance_leaves_nothing_and_keeps_an_earlier_export(tiny_pipeline_dir, tmp_path):
     with pytest.raises(OnnxValidationError, match="exceeds the tolerance"):
-        export_onnx(tiny_pipeline_dir, tmp_path / "onnx", tolerance=1e-12)
-    assert not list((tmp_path / "onnx").glob("model.onnx*"))
-    assert not (tmp_path / "onnx" / "ddpm_onnx.json").exists()
+        export_onnx(tiny_pipeline_dir, tmp_path / "onnx", tolerance=1e-12, exporter="torchscript")
+    assert list(tmp_path.iterdir()) == []
+    good = export_onnx(tiny_pipeline_dir, tmp_path / "onnx", exporter="torchscript")
+    before = {p.name: p.read_bytes() for p in good.output_dir.rglob("*") if p.is_file()}
+    with pytest.raises(OnnxValidationError):
+        export_onnx(tiny_pipeline_dir, tmp_path / "onnx", tolerance=1e-12, exporter="torchscript")
+    assert {p.name: p.read_bytes() for p in good.output_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--opset", "5"], "writes opsets 18..23, got --opset 5"),
+    (["--opset", "99"], "writes opsets 18..23, got --opset 99"),
+    (["--exporter", "torchscript", "--opset", "9"], "writes opsets 11..20, got --opset 9"),
+    (["--tolerance", "0"], "must be a positive number"),
+    (["--tolerance", "-1"], "must be a positive number"),
+    (["--tolerance", "nan"], "must be a positive number"),
+])
+def test_refused_export_settings_get_one_line_and_write_nothing(flags, message, tiny_pipeline_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_plugin.cli", "export", "--model", str(tiny_pipeline_dir),
+         "--output", str(tmp_path / "out" / "onnx"), *flags], capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_rejects_a_folder_that_is_not_a_pipeline_and_writing_over_the_pipeline(tmp_path, tiny_pipeline_dir):
@@ -80,22 +114,36 @@ def test_detect_preset_names_the_architecture():
     assert detect_preset(PRESETS["digits"].unet_config(block_out_channels=(16, 32))) is None
 
 
-def test_cli_export_writes_an_export_inside_the_pipeline_folder(tiny_pipeline_dir, tmp_path, capsys):
-    import shutil
+def test_an_export_is_stale_once_its_pipeline_is_retrained(tiny_pipeline_dir, tiny_pipeline_factory, tmp_path):
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline_dir, pipeline)
+    report = export_onnx(pipeline, pipeline / "onnx", exporter="torchscript")
+    metadata = json.loads((report.output_dir / "ddpm_onnx.json").read_text())
+    check_export_fresh(report.output_dir, metadata)  # fresh: passes
+    tiny_pipeline_factory(seed=1).save_pretrained(pipeline)  # retrained: other weights in the same folder
+    with pytest.raises(StaleExportError, match="re-export it: ddpm export"):
+        check_export_fresh(report.output_dir, metadata)
+    moved = tmp_path / "moved-onnx"
+    shutil.copytree(report.output_dir, moved)  # an export without its source folder cannot be checked
+    check_export_fresh(moved, json.loads((moved / "ddpm_onnx.json").read_text()))
 
+
+def test_cli_export_writes_an_export_inside_the_pipeline_folder(tiny_pipeline_dir, tmp_path, capsys):
     from ddpm_plugin.cli import main
 
     pipeline = tmp_path / "pipeline"
     shutil.copytree(tiny_pipeline_dir, pipeline)
-    assert main(["export", "--model", str(pipeline), "--output", str(pipeline / "onnx"), "--opset", "18"]) == 0
-    assert "max |eps_onnx - eps_torch|" in capsys.readouterr().out
+    assert main(["export", "--model", str(pipeline), "--output", str(pipeline / "onnx"), "--opset", "19"]) == 0
+    out = capsys.readouterr().out
+    assert "max |eps_onnx - eps_torch|" in out and "dynamo exporter" in out
     metadata = json.loads((pipeline / "onnx" / "ddpm_onnx.json").read_text())
-    assert metadata["opset"] == 18 and metadata["source_model"] == ".."
+    assert metadata["opset"] == 19 and metadata["source_model"] == ".."
 
 
 @pytest.mark.slow
-def test_fp16_export_keeps_float32_inputs_and_outputs(tiny_pipeline_dir, tmp_path):
-    report = export_onnx(tiny_pipeline_dir, tmp_path / "onnx16", fp16=True, seed=0)
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_fp16_export_keeps_float32_inputs_and_outputs(tiny_pipeline_dir, tmp_path, exporter):
+    report = export_onnx(tiny_pipeline_dir, tmp_path / "onnx16", fp16=True, seed=0, exporter=exporter)
     model = onnx.load(str(report.model_path))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

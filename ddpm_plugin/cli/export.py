@@ -13,7 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", help="pipeline folder (default: the bundled digits model)")
     parser.add_argument("--output", required=True, help="folder to write the export to")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                        help="torch.onnx.export(dynamo=True) (needs onnxscript), or the deprecated TorchScript exporter")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="ONNX opset (default: 18 with dynamo, 17 with torchscript)")
     parser.add_argument("--fp16", action="store_true", help="float16 weights for GPUs (float32 inputs/outputs)")
     parser.add_argument("--tolerance", type=float, default=None, help="max abs error allowed against PyTorch")
     parser.set_defaults(func=run)
@@ -23,9 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_plugin.bundled import resolve_model
     from ddpm_plugin.export.onnx_export import export_onnx
 
-    report = export_onnx(resolve_model(args.model), args.output, opset=args.opset, fp16=args.fp16, tolerance=args.tolerance)
+    report = export_onnx(resolve_model(args.model), args.output, opset=args.opset, fp16=args.fp16,
+                         exporter=args.exporter, tolerance=args.tolerance)
     print(
-        f"wrote {report.model_path} (opset {report.opset}, fp16={report.fp16}, preset {report.preset}); "
+        f"wrote {report.model_path} ({report.exporter} exporter, opset {report.opset}, fp16={report.fp16}, "
+        f"preset {report.preset}); "
         f"max |eps_onnx - eps_torch| = {report.max_abs_error:.2e} <= {report.tolerance:.0e} "
         f"in {report.export_seconds:.1f} s"
     )

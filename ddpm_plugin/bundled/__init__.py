@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).parent / "bundled" / "ddpm-digits"
+BUNDLED_MODEL = Path(__file__).parent / "ddpm-digits"
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
