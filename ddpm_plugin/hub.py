@@ -13,24 +13,31 @@ README.md                        # the model card
 ```
 
 Checkpoint folders, optimizer states, logs, TensorBoard runs and pickled weights are never copied, and the
-upload filters them out once more. The token comes from `HF_TOKEN` or the cached login and is handed to
-`huggingface_hub` only: nothing here prints or logs it.
+upload filters them out once more. Of the Python files only `pipeline_ddpm_paper.py` and the files it imports
+are published, and no file is read through a symbolic link that leads out of the pipeline folder. The token
+comes from `HF_TOKEN` or the cached login and is handed to `huggingface_hub` only: every message and log line of
+a push has it (and anything shaped like a token) redacted, even when a server echoes it.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from . import __version__
 from .model_card import CUSTOM_PIPELINE, load_evaluation_report, load_training_config, model_card
 
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"
+PIPELINE_CODE = f"{CUSTOM_PIPELINE}.py"
 ONNX_FOLDER = "onnx"
 ONNX_METADATA = "ddpm_onnx.json"
 ONNX_FILES = ("model.onnx", "model.onnx.data", ONNX_METADATA, "scheduler/scheduler_config.json")
@@ -46,6 +53,12 @@ IGNORE_PATTERNS = (
     "*checkpoint*", "*optimizer*", "*random_states*", "*.pt", "*.pth", "*.bin", "*.pkl",
     "*.pickle", "*.ckpt", "*.npz", "*tfevents*", "logs/*", "runs/*", "*/logs/*", "*/runs/*", ".*", "*/.*",
 )
+# Hub tokens are `hf_` and at least 30 letters and digits; shorter `hf_` words (`hf_transfer`) are left alone.
+TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+REDACTED = "hf_[redacted]"
+# Loggers that see requests during a push; each gets the redacting filter (a logger's filters do not reach the
+# records of its children, so every existing child is covered too).
+LOGGERS_OF_A_PUSH = ("huggingface_hub", "httpx", "httpcore", "urllib3", "requests")
 
 
 class HubPublishError(OSError):
@@ -99,20 +112,18 @@ def find_pipeline_folder(model_dir: str | os.PathLike) -> Path:
 def pipeline_files(model_dir: str | os.PathLike) -> dict[str, Path]:
     """The files of the loadable layout (and of `onnx/`) in a pipeline folder, by repository path.
 
-    Raises `FileNotFoundError` when `model_dir` is not a pipeline folder and `ValueError` when a component has
-    only pickled weights.
+    Raises `FileNotFoundError` when `model_dir` is not a pipeline folder or a file the pipeline code imports is
+    missing, and `ValueError` when a component has only pickled weights or a published file is reached through
+    a symbolic link that leads out of the folder.
     """
-    folder = find_pipeline_folder(model_dir)
-    files = {"model_index.json": folder / "model_index.json"}
-    files.update({path.name: path for path in sorted(folder.glob("*.py"))})
-    if f"{CUSTOM_PIPELINE}.py" not in files:  # saved without its code (the bundled model ships none)
-        files.update(installed_pipeline_code())
-    model_index = json.loads((folder / "model_index.json").read_text())
+    folder = find_pipeline_folder(model_dir).resolve()
+    files = {"model_index.json": folder / "model_index.json", **pipeline_code(folder)}
+    model_index = json.loads(_inside(folder, folder / "model_index.json").read_text())
     for component, value in model_index.items():
         if component.startswith("_") or not isinstance(value, list) or not (folder / component).is_dir():
             continue
-        for path in sorted((folder / component).iterdir()):
-            if path.is_file() and path.suffix in (".json", ".safetensors"):
+        for path in sorted(_inside(folder, folder / component).iterdir()):
+            if path.suffix in (".json", ".safetensors") and path.is_file():
                 files[f"{component}/{path.name}"] = path
         if any(p.suffix in (".bin", ".pt", ".ckpt") for p in (folder / component).iterdir()) and not any(
             name.startswith(f"{component}/") and name.endswith(".safetensors") for name in files
@@ -120,20 +131,83 @@ def pipeline_files(model_dir: str | os.PathLike) -> dict[str, Path]:
             raise ValueError(f"{folder / component} has only pickled weights; re-save the pipeline (safetensors).")
     onnx = folder / ONNX_FOLDER
     if onnx.is_dir():
-        if not (onnx / "model.onnx").is_file():
+        if not (_inside(folder, onnx) / "model.onnx").is_file():
             raise FileNotFoundError(f"{onnx} has no model.onnx; re-export with `ddpm export`.")
         files.update({f"{ONNX_FOLDER}/{name}": onnx / name for name in ONNX_FILES if (onnx / name).is_file()})
-    return {name: path for name, path in files.items() if is_publishable(name)}
+    publishable = {name: path for name, path in files.items() if is_publishable(name)}
+    for path in publishable.values():
+        if path.is_relative_to(folder):  # the installed pipeline code lives elsewhere, by design
+            _inside(folder, path)
+    return publishable
+
+
+def pipeline_code(folder: Path) -> dict[str, Path]:
+    """`pipeline_ddpm_paper.py` of the folder and the files it imports (the ones diffusers' remote-code loader
+    fetches), or the installed ones when the folder was saved without code. Nothing else: a `local_settings.py`
+    beside them stays home."""
+    source = folder / PIPELINE_CODE
+    if not source.is_file() and not source.is_symlink():  # saved without its code (the bundled model ships none)
+        return installed_pipeline_code()
+    return _code_files(_inside(folder, source), folder)
 
 
 def installed_pipeline_code() -> dict[str, Path]:
     """The installed `pipeline_ddpm_paper.py` and the sibling files it imports, as `save_pretrained` copies them."""
     from importlib.util import find_spec
 
-    from diffusers.utils.dynamic_modules_utils import get_relative_import_files
-
     source = Path(find_spec(f"ddpm_plugin.pipelines.{CUSTOM_PIPELINE}").origin)
-    return {path.name: path for path in map(Path, [source, *get_relative_import_files(str(source))])}
+    return _code_files(source, source.parent)
+
+
+def _code_files(source: Path, folder: Path) -> dict[str, Path]:
+    """`source` and the files its relative imports reach, as diffusers resolves them, each checked to lie in
+    `folder` before it is read."""
+    from diffusers.utils.dynamic_modules_utils import get_relative_imports
+
+    files, pending = {source.name: source}, [source]
+    while pending:
+        module = pending.pop()
+        for name in get_relative_imports(str(module)):
+            path = folder / f"{name}.py"
+            if path.name in files:
+                continue
+            if not path.is_file():
+                raise FileNotFoundError(f"{module.name} imports .{name}, but {path} is missing; re-save the pipeline.")
+            files[path.name] = _inside(folder, path)
+            pending.append(path)
+    return files
+
+
+def _inside(folder: Path, path: Path) -> Path:
+    """`path` (in the resolved `folder`), or a `ValueError` naming the symbolic link that leads out of it."""
+    if path.resolve().is_relative_to(folder):
+        return path
+    link = next((p for p in [*reversed(path.parents), path] if p.is_symlink() and not p.resolve().is_relative_to(folder)),
+                path)
+    raise ValueError(
+        f"{link} is a symbolic link out of the pipeline folder {folder} (to {link.resolve()}); ddpm push never "
+        "follows links out of the folder: copy the file in instead."
+    )
+
+
+def skipped_files(model_dir: str | os.PathLike, published: Iterable[str]) -> list[str]:
+    """What a push leaves behind in the pipeline folder: each file that is not published, and each folder that
+    holds nothing published (as `name/`), by path in the folder."""
+    folder = find_pipeline_folder(model_dir)
+    published = set(published)
+    published_folders = {str(Path(name).parent) for name in published}
+    skipped: list[str] = []
+
+    def walk(directory: Path, prefix: str) -> None:
+        for entry in sorted(directory.iterdir()):
+            name = prefix + entry.name
+            if entry.is_dir() and not entry.is_symlink() and name in published_folders:
+                walk(entry, f"{name}/")
+            elif name not in published:
+                skipped.append(f"{name}/" if entry.is_dir() and not entry.is_symlink() else name)
+
+    walk(folder, "")
+    return skipped
 
 
 def sample_grid(model_dir: str | os.PathLike, output: str | os.PathLike, num_inference_steps: int = 1000,
@@ -159,9 +233,13 @@ def build_hub_folder(
     grid: str | os.PathLike | None = None,
     grid_steps: int = 1000,
     seed: int = 0,
+    announce: Callable[[str], None] | None = None,
 ) -> list[str]:
     r"""
     Write the Hub-ready folder of a pipeline: its loadable layout, its ONNX export, a sample grid and the card.
+
+    Every argument is checked before any work (sampling the grid takes minutes): a bad one raises a `ValueError`
+    or `OSError` with a one-line message and writes nothing.
 
     Args:
         model_dir (`str` or `os.PathLike`):
@@ -179,16 +257,25 @@ def build_hub_folder(
             Denoising steps for the drawn grid.
         seed (`int`, *optional*, defaults to 0):
             Seed for the drawn grid.
+        announce (`Callable[[str], None]`, *optional*):
+            Called with a line before the long steps (sampling the grid), once the checks have passed.
 
     Returns:
         `list[str]`: the repository paths written, sorted.
     """
     check_repo_id(repo_id)
+    if isinstance(grid_steps, bool) or not isinstance(grid_steps, int) or grid_steps < 1:
+        raise ValueError(f"`grid_steps` must be a positive whole number, got {grid_steps!r}.")
     output = Path(output_dir)
-    if output.exists() and any(output.iterdir()):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} is not empty; the Hub-ready folder needs a fresh one.")
-    model_dir = find_pipeline_folder(model_dir)
     files = pipeline_files(model_dir)
+    model_dir = find_pipeline_folder(model_dir)
+    report = load_evaluation_report(model_dir, report)
+    if grid is not None:
+        check_grid(grid)
+    elif announce is not None:
+        announce(f"sampling the card's grid with {grid_steps} steps (a --grid PNG reuses an image instead)")
     for name, source in files.items():
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, output / name)
@@ -202,13 +289,29 @@ def build_hub_folder(
         caption = f"{GRID_IMAGES} samples, seed {seed}, {grid_steps} ancestral sampling steps (Algorithm 2)."
     card = model_card(
         model_dir, repo_id,
-        report=load_evaluation_report(model_dir, report),
+        report=report,
         training_config=load_training_config(model_dir),
         grid_file=GRID_FILE, grid_caption=caption,
         has_onnx=any(name.startswith(f"{ONNX_FOLDER}/") for name in files),
     )
     card.save(output / CARD_FILE)
     return sorted([*files, GRID_FILE, CARD_FILE])
+
+
+def check_grid(grid: str | os.PathLike) -> None:
+    """A `ValueError` unless `grid` is a PNG picture (it is published as `samples.png`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(grid)
+    found = "a folder" if path.is_dir() else "no such file"
+    if path.is_file():
+        try:
+            with Image.open(path) as picture:  # reads the header only
+                found = f"a {picture.format} picture"
+        except (UnidentifiedImageError, OSError):
+            found = "not a picture"
+    if found != "a PNG picture":
+        raise ValueError(f"{grid} is not a PNG image ({found}); it is published as {GRID_FILE}.")
 
 
 def _point_onnx_metadata_at_repo(metadata_path: Path) -> None:
@@ -273,30 +376,64 @@ def push_folder(
     plan = upload_plan(folder)
     if CARD_FILE not in dict(plan) or "model_index.json" not in dict(plan):
         raise FileNotFoundError(f"{folder} is not a Hub-ready folder (README.md and model_index.json expected).")
-    api = HfApi(token=resolve_token(token))
+    token = resolve_token(token)
+    api = HfApi(token=token)
     try:
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision not in (None, "main"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        # Files of an earlier push that this one no longer has (an old ONNX export, say) would not match the new
-        # weights: the commit deletes them. Files this module never publishes (a LICENSE, say) stay.
-        stale = [path for path in api.list_repo_files(repo_id, revision=revision)
-                 if is_publishable(path) and path not in dict(plan)]
-        operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
-        operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=Path(folder) / path) for path, _ in plan]
-        commit = api.create_commit(
-            repo_id, operations, revision=revision, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-        )
+        with redacted_logs(token):
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision not in (None, "main"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            # Files of an earlier push that this one no longer has (an old ONNX export, say) would not match the
+            # new weights: the commit deletes them. Files this module never publishes (a LICENSE, say) stay.
+            stale = [path for path in api.list_repo_files(repo_id, revision=revision)
+                     if is_publishable(path) and path not in dict(plan)]
+            operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
+            operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=Path(folder) / path) for path, _ in plan]
+            commit = api.create_commit(
+                repo_id, operations, revision=revision, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            )
     except HfHubHTTPError as error:
-        raise HubPublishError(_explain(error, repo_id)) from error
+        raise HubPublishError(redact(_explain(error, repo_id), token)) from None
     except Exception as error:  # unreachable Hub, a failed LFS transfer, a malformed answer
-        raise HubPublishError(
+        raise HubPublishError(redact(
             f"the upload to {repo_id} failed before the Hub confirmed the commit ({type(error).__name__}: {error});"
-            " nothing was published."
-        ) from error
+            " nothing was published.", token)) from None
     url = str(repo_url) if revision in (None, "main") else f"{repo_url}/tree/{revision}"
     return PushResult(url=url, commit_url=commit.commit_url, commit_oid=commit.oid, files=[p for p, _ in plan],
                       deleted=stale)
+
+
+def redact(text: str, token: str | None) -> str:
+    """`text` with `token`, and anything shaped like a Hub token, replaced by `hf_[redacted]`."""
+    if token:
+        text = text.replace(token, REDACTED)
+    return TOKEN_PATTERN.sub(REDACTED, text)
+
+
+class _RedactingFilter(logging.Filter):
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage(), self.token), None
+        return True
+
+
+@contextmanager
+def redacted_logs(token: str) -> Iterator[None]:
+    """While the block runs, every log record of the Hub client and its HTTP stack is redacted with [`redact`]."""
+    names = [name for name in logging.root.manager.loggerDict
+             if any(name == prefix or name.startswith(f"{prefix}.") for prefix in LOGGERS_OF_A_PUSH)]
+    loggers = [logging.getLogger(name) for name in {*LOGGERS_OF_A_PUSH, *names}]
+    redacting = _RedactingFilter(token)
+    for logger in loggers:
+        logger.addFilter(redacting)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(redacting)
 
 
 def _explain(error, repo_id: str) -> str:

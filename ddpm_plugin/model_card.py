@@ -82,7 +82,18 @@ def load_evaluation_report(pipeline_dir: str | os.PathLike, report: str | os.Pat
         report = next((c / EVALUATION_REPORT for c in (folder, folder.parent) if (c / EVALUATION_REPORT).is_file()), None)
         if report is None:
             return None
-    data = json.loads(Path(report).read_text())
+    return read_evaluation_report(report)
+
+
+def read_evaluation_report(report: str | os.PathLike) -> dict:
+    """The JSON object in `report`, or a one-line `ValueError`/`FileNotFoundError` naming the file."""
+    path = Path(report)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation report {report} does not exist" + (" (a folder)." if path.is_dir() else "."))
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{report} is not valid JSON ({error}); pass the report.json `ddpm evaluate` wrote.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{report}: an evaluation report must be a JSON object, got {type(data).__name__}.")
     return data

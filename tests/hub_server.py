@@ -18,7 +18,8 @@ It implements the endpoints that `huggingface_hub` 2.x calls to publish and to d
 Binary files (weights, ONNX, images) go through LFS and the rest as base64 in the commit, as on the Hub; Xet is
 not spoken, so clients must run with `HF_HUB_DISABLE_XET=1`. Writes need `Authorization: Bearer <token>` with the
 server's token; a rejected token gets the Hub's 401 answer. `fail_commit_with = 500` makes the commit endpoint
-fail after every upload has arrived. Committed files are also written under `storage/<user>/<name>/<revision>/`.
+fail after every upload has arrived; `echo_authorization = True` makes that failure repeat the request's
+`Authorization` header (and another token-shaped string) in its body, as a careless proxy might. Committed files are also written under `storage/<user>/<name>/<revision>/`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import yaml
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.onnx", "*.onnx.data", "*.png", "*.pt", "*.pkl", "*.ckpt")
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 INVALID_TOKEN = "Invalid credentials in Authorization header"
+ECHOED_TOKEN = "hf_someoneElsesTokenEchoed0123456789"  # a token-shaped string in an echoed error body
 
 
 @dataclass
@@ -83,6 +85,7 @@ class LoopbackHub:
         self.requests: list[Request] = []
         self.commits: list[Commit] = []
         self.fail_commit_with: int | None = None
+        self.echo_authorization = False
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
@@ -314,6 +317,9 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             if not self.authorized() or self.branch(repo, revision, write=True) is None:
                 return
             if hub.fail_commit_with is not None:
+                if hub.echo_authorization:
+                    return self.error(hub.fail_commit_with, f"Bad gateway; request headers were Authorization: "
+                                      f"{self.headers.get('Authorization')}, X-Forwarded-Token: {ECHOED_TOKEN}")
                 return self.error(hub.fail_commit_with, "Internal Error - We're working hard to fix this as soon as possible!")
             try:
                 commit = hub.commit(repo, revision, body)

@@ -8,6 +8,7 @@ real download path (`model_info`, tree listing, `resolve`). The error cases run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -399,3 +400,127 @@ def test_pickled_weights_are_never_published(tiny_pipeline_dir, tmp_path):
     (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ValueError, match="only pickled weights"):
         build_hub_folder(pickled, tmp_path / "repo", REPO_ID, grid_steps=2)
+
+
+# --- What a hostile pipeline folder cannot make `ddpm push` publish (issue 11, items 1-3). ---
+
+SECRET = b"root:x:0:0:a secret of the pushing machine\n"
+
+
+@pytest.fixture
+def hostile_pipeline(run_dir, tmp_path) -> tuple[Path, Path]:
+    """A copy of the run's pipeline folder (with its ONNX export) and a secret file outside it."""
+    pipeline = tmp_path / "hostile" / "pipeline"
+    shutil.copytree(run_dir / "pipeline", pipeline, symlinks=True)
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(SECRET)
+    return pipeline, secret
+
+
+@pytest.mark.parametrize("link", ["unet/leaked.safetensors", "onnx/model.onnx.data", "gaussian_diffusion.py",
+                                  "unet/config.json", "scheduler"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_push_refuses_a_symlink_out_of_the_folder_and_names_it(loopback_hub, hostile_pipeline, grid_png, link,
+                                                                 dry_run, monkeypatch, capfd):
+    pipeline, secret = hostile_pipeline
+    target = secret
+    if link == "scheduler":  # a whole component folder, linked to one outside the pipeline
+        target = shutil.move(pipeline / "scheduler", secret.parent / "scheduler")
+    (pipeline / link).unlink(missing_ok=True)
+    (pipeline / link).symlink_to(target)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code = ddpm_push("--model", str(pipeline), "--repo-id", REPO_ID, "--grid", str(grid_png),
+                     *(["--dry-run"] if dry_run else []))
+    out, err = capfd.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert f"{pipeline / link} is a symbolic link" in err and "out of the pipeline folder" in err
+    assert SECRET.decode() not in out + err
+    assert loopback_hub.commits == [] and SECRET not in loopback_hub.uploaded_bytes()
+
+
+def test_push_publishes_only_the_pipeline_code_and_lists_what_it_skips(loopback_hub, hostile_pipeline, grid_png,
+                                                                          monkeypatch, capfd):
+    pipeline, secret = hostile_pipeline
+    (pipeline / "local_settings.py").write_text(f'HF_TOKEN = "{TOKEN}"\n')
+    (pipeline / "leak.py").symlink_to(secret)  # not imported by the pipeline: skipped, never read
+    (pipeline / "notes").mkdir()
+    (pipeline / "notes" / "todo.py").write_text("import os\n")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code = ddpm_push("--model", str(pipeline), "--repo-id", REPO_ID, "--grid", str(grid_png))
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    published = set(loopback_hub.files(REPO_ID))
+    code_files = {p for p in published if p.endswith(".py")}
+    assert code_files == {"pipeline_ddpm_paper.py", "gaussian_diffusion.py", "diffusion_ops.py", "variational_bound.py"}
+    for name in code_files:
+        assert loopback_hub.files(REPO_ID)[name] == (pipeline / name).read_bytes()
+    assert TOKEN.encode() not in loopback_hub.uploaded_bytes() and SECRET not in loopback_hub.uploaded_bytes()
+    skipped = next(line for line in out.splitlines() if line.startswith("skipped"))
+    for name in ("local_settings.py", "leak.py", "notes/", "optimizer.pt", "logs/", ".env", "onnx/export.log",
+                 "unet/diffusion_pytorch_model.bin"):
+        assert name in skipped, name
+    assert TOKEN not in out + err
+
+
+def test_push_redacts_the_token_when_the_server_echoes_it(loopback_hub, run_dir, grid_png, monkeypatch, capfd, caplog):
+    from hub_server import ECHOED_TOKEN
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    loopback_hub.fail_commit_with, loopback_hub.echo_authorization = 502, True
+    code = ddpm_push("--model", str(run_dir), "--repo-id", REPO_ID, "--grid", str(grid_png))
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert "did not confirm the commit" in err and "Bearer hf_[redacted]" in err  # the echo is shown, redacted
+    for text in (TOKEN, ECHOED_TOKEN, TOKEN[3:]):
+        assert text not in out + err + caplog.text
+
+
+def test_redaction_covers_log_lines_of_the_hub_client(caplog):
+    import logging
+
+    from ddpm_plugin.hub import redact, redacted_logs
+
+    assert redact(f"token {TOKEN} and hf_abcdefghijklmnopqrstuvwxyz01 end", TOKEN) == (
+        "token hf_[redacted] and hf_[redacted] end")
+    assert redact("the hf_transfer package", TOKEN) == "the hf_transfer package"  # too short to be a token
+    with caplog.at_level(logging.DEBUG), redacted_logs(TOKEN):
+        logging.getLogger("huggingface_hub.utils._http").warning("sent Authorization: Bearer %s", TOKEN)
+        logging.getLogger("httpx").info("header %s", TOKEN)
+    logging.getLogger("huggingface_hub").warning("after the push %s", "hf_outsideThePushWindow0123")
+    assert TOKEN not in caplog.text and caplog.text.count("hf_[redacted]") == 2
+    assert "hf_outsideThePushWindow0123" in caplog.text  # the filter is removed after the push
+
+
+# --- `ddpm push` checks its arguments before any work (issue 12, item 11). ---
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "{tmp}/missing"], "is not a pipeline folder"),
+        (["--grid", "{tmp}/notes.txt"], "argument --grid: {tmp}/notes.txt is not a PNG image (not a picture)"),
+        (["--grid", "{tmp}"], "argument --grid: {tmp} is not a PNG image (a folder)"),
+        (["--output", "{tmp}"], "is not empty"),
+        (["--report", "{tmp}/missing.json"], "argument --report: evaluation report {tmp}/missing.json does not exist"),
+        (["--report", "{tmp}/notes.txt"], "argument --report: {tmp}/notes.txt is not valid JSON"),
+        (["--repo-id", "no-slash"], "must be 'user/name'"),
+        (["--grid-steps", "0"], "argument --grid-steps: must be a whole number >= 1, got '0'"),
+    ],
+)
+def test_push_checks_its_arguments_before_sampling(loopback_hub, run_dir, tmp_path, arguments, message, capfd):
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    arguments = [a.format(tmp=tmp_path) for a in arguments]
+    defaults = {"--model": str(run_dir), "--repo-id": REPO_ID, "--dry-run": None}
+    for flag, value in defaults.items():
+        if flag not in arguments:
+            arguments += [flag] if value is None else [flag, value]
+    try:
+        code = ddpm_push(*arguments)
+    except SystemExit as refused:  # argparse refuses a bad value while parsing
+        code = refused.code
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert message.format(tmp=tmp_path) in err
+    assert "sampling the card's grid" not in err and "Traceback" not in err and "[Errno" not in err
+    assert loopback_hub.requests == [] and not (tmp_path / "samples.png").exists()

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from .arguments import checked, positive
+
+
+def _grid(path: str) -> None:
+    from ddpm_plugin.hub import check_grid
+
+    check_grid(path)
+
+
+def _report(path: str) -> None:
+    from ddpm_plugin.model_card import read_evaluation_report
+
+    read_evaluation_report(path)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,31 +30,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", help="branch to commit to (created from main if missing; default: main)")
     parser.add_argument("--commit-message", help="summary of the commit")
-    parser.add_argument("--report", help="evaluation report JSON (default: MODEL/evaluation/report.json if present)")
-    parser.add_argument("--grid", help="PNG to publish as the sample grid (default: sample 16 images)")
-    parser.add_argument("--grid-steps", type=int, default=1000, help="denoising steps of the sampled grid")
+    parser.add_argument("--report", type=checked(_report),
+                        help="evaluation report JSON (default: MODEL/evaluation/report.json if present)")
+    parser.add_argument("--grid", type=checked(_grid), help="PNG to publish as the sample grid (default: sample 16 images)")
+    parser.add_argument("--grid-steps", type=positive, default=1000, help="denoising steps of the sampled grid")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     parser.add_argument("--output", help="also keep the Hub-ready folder here (must be empty or absent)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
     import sys
     import tempfile
     from pathlib import Path
 
-    from ddpm_plugin.hub import build_hub_folder, push_folder, upload_plan
+    from ddpm_plugin.hub import build_hub_folder, pipeline_files, push_folder, skipped_files, upload_plan
 
-    if args.grid is None:
-        print(f"sampling the card's grid with {args.grid_steps} steps (--grid PNG reuses an image instead)",
-              file=sys.stderr)
+    skipped = skipped_files(args.model, pipeline_files(args.model))
+    if skipped:
+        print(f"skipped (not part of the loadable pipeline): {', '.join(skipped)}")
     with tempfile.TemporaryDirectory(prefix="ddpm-push-") as staging:
-        folder = Path(staging) / "repo"
+        folder = Path(args.output) if args.output else Path(staging) / "repo"
         build_hub_folder(args.model, folder, args.repo_id, report=args.report, grid=args.grid,
-                         grid_steps=args.grid_steps)
-        if args.output:
-            shutil.copytree(folder, args.output, dirs_exist_ok=False)
+                         grid_steps=args.grid_steps, announce=lambda line: print(line, file=sys.stderr))
         plan = upload_plan(folder)
         if args.dry_run:
             print(f"dry run: would upload {len(plan)} files to {args.repo_id}"

@@ -1,0 +1,43 @@
+"""Argument types for the `ddpm` parsers: a bad value stops at parsing, before any work, with argparse's one-line
+message that names the flag (`ddpm demo: error: argument --port: must be a whole number in 0..65535, got '70000'`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+MAX_PORT = 65535
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in `low..high` (no upper bound when `high` is None)."""
+    allowed = f"in {low}..{high}" if high is not None else f">= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be a whole number {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def checked(check: Callable[[str], Any]) -> Callable[[str], str]:
+    """An argparse type: the string itself once `check(text)` has passed; its `ValueError`/`OSError` becomes the
+    parser's message."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except (ValueError, OSError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return parse
+
+
+port = whole_number(0, MAX_PORT)
+positive = whole_number(1)
