@@ -1,26 +1,205 @@
-"""Loading a pipeline folder for sampling with a chosen sampler."""
+"""Loading a pipeline folder for sampling, with a chosen sampler and backend, and drawing images by index.
+
+An [`ImageSampler`] draws images start..start+count-1 of a run. Each image has its own noise stream, seeded
+from (`seed`, image index) only: its x_T and every step's z come from that stream, so image i is the same
+whichever batch, shard or process draws it (bitwise, for the same batch composition, backend and threads).
+The PyTorch and ONNX Runtime backends draw their streams with different generators (torch vs NumPy), so
+the same seed gives different, equally distributed, images on the two.
+
+Torch and diffusers are imported only by the PyTorch backend: ONNX Runtime sampling works without torch.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from diffusers import DDIMScheduler
+import numpy as np
 
-from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
+from .images import to_uint8
+
+if TYPE_CHECKING:
+    from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
 
 Sampler = Literal["ddpm", "ddim"]
+Backend = Literal["onnxruntime", "pytorch"]
+BACKENDS: tuple[Backend, ...] = ("onnxruntime", "pytorch")
+SAMPLERS: tuple[Sampler, ...] = ("ddpm", "ddim")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and NumPy's SeedSequence both take 0..2**63-1
 
 
-def load_pipeline(model: str | os.PathLike, scheduler: Sampler = "ddpm") -> DDPMPaperPipeline:
+def check_sampler(scheduler: str) -> None:
+    if scheduler not in SAMPLERS:
+        raise ValueError(f"`scheduler` must be 'ddpm' or 'ddim', got {scheduler!r}.")
+
+
+def with_scheduler(pipe: "DDPMPaperPipeline", scheduler: Sampler) -> "DDPMPaperPipeline":
+    """`pipe` with its paper `DDPMScheduler` (`"ddpm"`) or a `DDIMScheduler` of the same training schedule."""
+    check_sampler(scheduler)
+    if scheduler == "ddpm":
+        return pipe
+    from diffusers import DDIMScheduler
+
+    ddim = type(pipe)(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    ddim.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return ddim
+
+
+def load_pipeline(model: str | os.PathLike, scheduler: Sampler = "ddpm") -> "DDPMPaperPipeline":
     """`DDPMPaperPipeline` from a folder, with its paper `DDPMScheduler` or a `DDIMScheduler` of the same
     training schedule."""
+    from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
+
+    check_sampler(scheduler)
     if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, "model_index.json")):
         raise FileNotFoundError(f"{model} is not a pipeline folder (no model_index.json).")
     pipe = DDPMPaperPipeline.from_pretrained(model)
-    if scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif scheduler != "ddpm":
-        raise ValueError(f"`scheduler` must be 'ddpm' or 'ddim', got {scheduler!r}.")
     pipe.set_progress_bar_config(leave=False)
-    return pipe
+    return with_scheduler(pipe, scheduler)
+
+
+def default_backend(model: str | os.PathLike) -> Backend:
+    """ONNX Runtime when the pipeline folder carries an export in `onnx/` (as `ddpm export` writes it), else PyTorch."""
+    from .export.onnx_pipeline import METADATA_FILE, ONNX_SUBFOLDER
+
+    return "onnxruntime" if (Path(model) / ONNX_SUBFOLDER / METADATA_FILE).is_file() else "pytorch"
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index`'s noise stream: NumPy's `SeedSequence(seed, spawn_key=(index,))`, the
+    independent child stream `index` of `seed`, reduced to the 63 bits both generators take."""
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"`seed` must be an integer in 0..{MAX_SEED}, got {seed!r}.")
+
+
+class PerImageNoise:
+    """NumPy noise with one stream per image: `standard_normal((B, ...))` stacks one draw of shape `(...)`
+    from each image's stream (the noise-source interface `OnnxDDPMPipeline` takes as `generator`)."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.generators = [np.random.default_rng(seed) for seed in seeds]
+
+    def standard_normal(self, shape: tuple[int, ...], dtype: Any = np.float64) -> np.ndarray:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise for {shape[0]} images asked of {len(self.generators)} image streams.")
+        return np.stack([generator.standard_normal(shape[1:], dtype=dtype) for generator in self.generators])
+
+
+class ImageSampler(Protocol):
+    """Draws images start..start+count-1 of a run as uint8 NHWC."""
+
+    backend: Backend
+    image_shape: tuple[int, int, int]  # (channels, height, width)
+
+    def __call__(self, start: int, count: int) -> np.ndarray: ...
+
+
+@dataclass
+class TorchImageSampler:
+    """[`ImageSampler`] on a `DDPMPaperPipeline` (DDPM or DDIM, as its scheduler is), one torch generator per image."""
+
+    pipe: "DDPMPaperPipeline"
+    num_inference_steps: int
+    seed: int
+    eta: float = 0.0
+    backend: Backend = "pytorch"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.pipe.image_shape(1)[1:])
+
+    def __call__(self, start: int, count: int) -> np.ndarray:
+        import torch
+
+        generators = [torch.Generator().manual_seed(image_seed(self.seed, i)) for i in range(start, start + count)]
+        images = self.pipe(batch_size=count, num_inference_steps=self.num_inference_steps, generator=generators,
+                           eta=self.eta, output_type="np").images
+        return to_uint8(images)
+
+
+@dataclass
+class OnnxImageSampler:
+    """[`ImageSampler`] on an `OnnxDDPMPipeline`, one NumPy stream per image."""
+
+    pipe: Any  # export.onnx_pipeline.OnnxDDPMPipeline (imported lazily: it needs onnxruntime)
+    num_inference_steps: int
+    seed: int
+    scheduler: Sampler = "ddpm"
+    eta: float = 0.0
+    progress_bar: bool = True
+    backend: Backend = "onnxruntime"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.pipe.image_shape
+
+    def __call__(self, start: int, count: int) -> np.ndarray:
+        noise = PerImageNoise([image_seed(self.seed, i) for i in range(start, start + count)])
+        images = self.pipe(count, self.num_inference_steps, scheduler=self.scheduler, eta=self.eta, generator=noise,
+                           output_type="np", progress_bar=self.progress_bar).images
+        return to_uint8(images)
+
+
+def load_image_sampler(
+    model: str | os.PathLike,
+    backend: Backend | None = None,
+    scheduler: Sampler = "ddpm",
+    num_inference_steps: int = 1000,
+    eta: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    progress_bar: bool = True,
+) -> ImageSampler:
+    r"""
+    An [`ImageSampler`] for a pipeline folder.
+
+    Args:
+        model (`str` or `os.PathLike`): The pipeline folder.
+        backend (`str`, *optional*): `"onnxruntime"` or `"pytorch"`; defaults to [`default_backend`].
+        scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` (Algorithm 2) or `"ddim"`.
+        num_inference_steps (`int`, *optional*, defaults to 1000): Denoising steps, 1..T.
+        eta (`float`, *optional*, defaults to 0.0): DDIM's stochasticity; must be 0 with `"ddpm"`.
+        seed (`int`, *optional*, defaults to 0): The run's seed, 0..2**63-1.
+        device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"` or `"cuda:N"`.
+        num_threads (`int`, *optional*): Intra-op threads of ONNX Runtime on CPU (PyTorch follows `OMP_NUM_THREADS`).
+        progress_bar (`bool`, *optional*, defaults to `True`): A progress bar over each batch's steps.
+    """
+    backend = backend or default_backend(model)
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
+    check_sampler(scheduler)
+    check_seed(seed)
+    if not eta >= 0.0 or not np.isfinite(eta):
+        raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
+    if scheduler == "ddpm" and eta != 0.0:
+        raise ValueError(f"`eta` is DDIM's; the DDPM sampler has none (got eta={eta}): use scheduler 'ddim' or eta 0.")
+    if backend == "pytorch":
+        pipe = load_pipeline(model, scheduler).to(device)
+        pipe.set_progress_bar_config(leave=False, disable=not progress_bar)
+        check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
+        return TorchImageSampler(pipe, num_inference_steps, seed, eta)
+    from .export.onnx_pipeline import OnnxDDPMPipeline
+
+    provider: Any = "cpu"
+    if device.startswith("cuda"):
+        device_id = int(device.partition(":")[2] or 0)
+        provider = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    pipe = OnnxDDPMPipeline.from_pretrained(model, provider=provider, num_threads=num_threads)
+    check_steps(num_inference_steps, pipe.diffusion.num_timesteps)
+    return OnnxImageSampler(pipe, num_inference_steps, seed, scheduler, eta, progress_bar)
+
+
+def check_steps(num_inference_steps: int, num_train_timesteps: int) -> None:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
+        1 <= num_inference_steps <= num_train_timesteps
+    ):
+        raise ValueError(
+            f"`num_inference_steps` must be an integer in 1..{num_train_timesteps}, got {num_inference_steps!r}."
+        )

@@ -1,35 +1,93 @@
-"""`ddpm sample`: a PNG grid of samples from a saved pipeline."""
+"""`ddpm sample`: images from a saved pipeline, as a PNG grid or as resumable `.npz` shards for FID."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
+
+from ddpm_plugin.sampling import BACKENDS, MAX_SEED
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sample", help="sample images from a pipeline folder into a PNG grid")
+    parser = subparsers.add_parser(
+        "sample", help="sample images from a pipeline folder into a PNG grid or .npz shards",
+        description="Sample images into a grid picture (--output) or into resumable .npz shards with a manifest "
+                    "(--output-dir; run it under `accelerate launch -m ddpm_plugin.cli sample ...` to use several "
+                    "processes). Image i depends only on --seed and i.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model", help="pipeline folder (default: the bundled digits model)")
     parser.add_argument("--num-images", type=int, default=16, help="number of images")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (and per shard)")
     parser.add_argument("--steps", type=int, default=1000, help="denoising steps (1..1000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=int, default=0, help=f"random seed (0..{MAX_SEED})")
     parser.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm", help="sampler")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="onnxruntime (the default when the model folder carries an onnx/ export) or pytorch")
+    outputs = parser.add_mutually_exclusive_group()
+    outputs.add_argument("--output", help="picture of the grid to write (default: grid.png)")
+    outputs.add_argument("--output-dir", help="folder of .npz shards and manifest.json (resumes a run there)")
     parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid")
-    parser.add_argument("--output", default="grid.png", help="PNG file to write")
     parser.set_defaults(func=run)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every flag checked before any model is loaded, so a mistake costs nothing."""
+    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size), ("--steps", args.steps),
+                        ("--scale", args.scale)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}.")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}.")
+    if not math.isfinite(args.eta) or args.eta < 0:
+        raise ValueError(f"--eta must be a finite number >= 0, got {args.eta}.")
+    if args.eta != 0 and args.scheduler == "ddpm":
+        raise ValueError(f"--eta {args.eta} is DDIM's stochasticity; the DDPM sampler has none: add --scheduler ddim or drop --eta.")
+    if args.output_dir is None:
+        check_picture_path(Path(args.output or "grid.png"))
+
+
+def check_picture_path(path: Path) -> None:
+    from PIL import Image
+
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file such as {path / 'grid.png'} (or use --output-dir for shards).")
+    if not path.parent.is_dir():
+        raise ValueError(f"--output {path}: the folder {path.parent} does not exist.")
+    writable = sorted(ext for ext, kind in Image.registered_extensions().items() if kind in Image.SAVE)
+    if path.suffix.lower() not in writable:
+        raise ValueError(f"--output {path}: unknown picture type {path.suffix or '(none)'!r}; use .png (or {', '.join(writable[:6])}, ...).")
+
+
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ddpm_plugin.bundled import resolve_model
-    from ddpm_plugin.images import make_grid
-    from ddpm_plugin.sampling import load_pipeline
 
-    pipe = load_pipeline(resolve_model(args.model), scheduler=args.scheduler)
-    images = pipe(
-        batch_size=args.num_images, num_inference_steps=args.steps, generator=torch.manual_seed(args.seed),
-        eta=args.eta, output_type="np",
-    ).images
-    make_grid(images, scale=args.scale).save(args.output)
-    print(f"wrote {args.num_images} images to {args.output}")
+    check_arguments(args)
+    model = resolve_model(args.model)
+    options = dict(num_inference_steps=args.steps, scheduler=args.scheduler, eta=args.eta, seed=args.seed,
+                   backend=args.backend)
+    if args.output_dir is not None:
+        from ddpm_plugin.sample_shards import process_state, sample_to_shards
+
+        manifest = sample_to_shards(model, args.output_dir, args.num_images, args.batch_size, **options)
+        if not process_state().is_main_process:
+            return 0
+        rate = manifest["images_per_second"]
+        print(f"{args.output_dir}: {args.num_images} images in {len(manifest['shards'])} shards "
+              f"({manifest['shards_reused']} kept from an earlier run; {manifest['num_processes']} processes"
+              + (f", {rate:.3g} images/s)" if rate else ")"))
+        return 0
+    import numpy as np
+
+    from ddpm_plugin.images import make_grid
+    from ddpm_plugin.sampling import load_image_sampler
+
+    output = args.output or "grid.png"
+    sampler = load_image_sampler(model, **options)
+    images = np.concatenate([sampler(start, min(args.batch_size, args.num_images - start))
+                             for start in range(0, args.num_images, args.batch_size)])
+    make_grid(images, scale=args.scale).save(output)
+    print(f"wrote {args.num_images} images to {output} ({sampler.backend})")
     return 0
