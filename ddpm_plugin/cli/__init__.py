@@ -14,6 +14,8 @@ from importlib import import_module
 
 SUBCOMMANDS = ("info", "sample", "demo", "train", "push", "export", "evaluate")
 
+# The extra that installs everything a subcommand needs; other subcommands need the module's own extra.
+COMMAND_EXTRAS = {"train": "train", "export": "onnx", "demo": "demo", "evaluate": "eval"}
 # Optional top-level modules -> the `ddpm-plugin[...]` extra that installs them.
 MODULE_EXTRAS = {
     "torch": "torch",
@@ -57,13 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def missing_extra_message(error: ModuleNotFoundError) -> str | None:
+def missing_extra_message(command: str, error: ModuleNotFoundError) -> str | None:
     """'pip install ...' advice when `error` is an optional dependency that is not installed, else None."""
     module = (error.name or "").split(".")[0]
-    extra = MODULE_EXTRAS.get(module)
-    if extra is None:
+    if module not in MODULE_EXTRAS:
         return None
-    return f"this command needs `{module}`, which is not installed: pip install \"ddpm-plugin[{extra}]\""
+    extra = COMMAND_EXTRAS.get(command, MODULE_EXTRAS[module])
+    return f"`ddpm {command}` needs `{module}`, which is not installed: pip install \"ddpm-plugin[{extra}]\""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as error:
-        message = missing_extra_message(error)
+        message = missing_extra_message(args.command, error)
         if message is None:
             raise
         print(f"ddpm {args.command}: error: {message}", file=sys.stderr)
