@@ -8,17 +8,20 @@ trust_remote_code=True)` loads them on a machine without ddpm-plugin.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 from diffusers import DDPMPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
@@ -37,7 +40,26 @@ from .variational_bound import (
 
 CUSTOM_PIPELINE_NAME = Path(__file__).stem
 STOCK_PIPELINE_CLASS = "DDPMPipeline"
-CALLBACK_TENSOR_INPUTS = ("latents", "model_output", "pred_original_sample")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def unet_in_eval_mode(method: Method) -> Method:
+    """Run a pipeline method with the UNet in eval mode (dropout off: the paper samples and evaluates the network
+    without dropout), then give every submodule back the mode the caller left it in."""
+
+    @functools.wraps(method)
+    def wrapper(self: "DDPMPaperPipeline", *args: Any, **kwargs: Any) -> Any:
+        modes = [(module, module.training) for module in self.unet.modules()]
+        self.unet.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -150,8 +172,12 @@ class DDPMPaperPipeline(DDPMPipeline):
     paper's figures as methods.
 
     With no new arguments, `__call__` returns exactly what [`DDPMPipeline`] returns for the same generator.
-    It adds the initial noise `latents`, `callback_on_step_end`, DDIM's `eta`, and input validation. Any
-    diffusers scheduler can be swapped in: `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
+    It adds the initial noise `latents`, `callback_on_step_end` (a function, a [`PipelineCallback`] or
+    [`MultiPipelineCallbacks`]), `output_type="latent"`, DDIM's `eta`, and input validation. Any diffusers
+    scheduler can be swapped in: `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
+
+    Sampling, the bound and the figures run the UNet in eval mode (dropout off), whatever mode the caller left it
+    in; its mode is restored afterwards.
 
     Saved folders record stock classes (`"_class_name": "DDPMPipeline"`) so plain diffusers loads them,
     and carry this file for `trust_remote_code` loading of the full class.
@@ -164,9 +190,12 @@ class DDPMPaperPipeline(DDPMPipeline):
             config, such as [`DDIMScheduler`].
     """
 
+    _callback_tensor_inputs = ["latents", "model_output", "pred_original_sample"]
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "DDPMPaperPipeline":
-        """As [`DiffusionPipeline.from_pretrained`], but weights load from safetensors only (nothing is
+        """As [`DiffusionPipeline.from_pretrained`], which every keyword argument (`dtype`, `variant`, `revision`,
+        `device_map`, `custom_pipeline`, ...) is passed on to, but weights load from safetensors only (nothing is
         unpickled) unless the caller explicitly passes `use_safetensors=False`."""
         kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -174,17 +203,25 @@ class DDPMPaperPipeline(DDPMPipeline):
     def save_pretrained(
         self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None, **kwargs: Any
     ) -> None:
-        """Save weights (safetensors), configs, a stock `model_index.json`, and this pipeline's source files.
+        """Save weights, configs, a stock `model_index.json`, and this pipeline's source files.
 
-        `model_index.json` names the stock `DDPMPipeline` so that `DiffusionPipeline.from_pretrained` needs no
-        remote code; `pipeline_ddpm_paper.py` and the files it imports sit in the folder's root for
+        Weights are written as safetensors (`diffusion_pytorch_model[.<variant>].safetensors`). With
+        `safe_serialization=False` the pickled `.bin` that diffusers writes is added beside them, with a warning:
+        loading still reads the safetensors, so the folder loads without unpickling anything. `model_index.json`
+        names the stock `DDPMPipeline` so that `DiffusionPipeline.from_pretrained` needs no remote code;
+        `pipeline_ddpm_paper.py` and the files it imports sit in the folder's root for
         `custom_pipeline="pipeline_ddpm_paper", trust_remote_code=True`.
         """
-        if not safe_serialization:
-            raise ValueError("`safe_serialization=False` would write pickled weights; ddpm-plugin saves safetensors only.")
         if kwargs.get("push_to_hub"):
             raise ValueError("Save the folder first, then publish it with `ddpm push` (or `ddpm_plugin.hub.push`).")
         super().save_pretrained(save_directory, safe_serialization=True, variant=variant, **kwargs)
+        if not safe_serialization:
+            warnings.warn(
+                "`safe_serialization=False`: writing pickled `.bin` weights beside the safetensors, which are what "
+                "loading reads.",
+                stacklevel=2,
+            )
+            super().save_pretrained(save_directory, safe_serialization=False, variant=variant, **kwargs)
         index_path = Path(save_directory) / "model_index.json"
         model_index = json.loads(index_path.read_text())
         model_index["_class_name"] = STOCK_PIPELINE_CLASS
@@ -204,6 +241,11 @@ class DDPMPaperPipeline(DDPMPipeline):
             self._diffusion_cache = cached
         return cached[1]
 
+    @property
+    def num_timesteps(self) -> int:
+        """The number of denoising steps of the current (or last) `__call__`, as diffusers' callbacks expect."""
+        return self._num_timesteps
+
     def image_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -216,6 +258,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
         output_type: str,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str],
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -228,15 +271,20 @@ class DDPMPaperPipeline(DDPMPipeline):
         expected = self.image_shape(batch_size)
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"`output_type` must be one of 'pil', 'np', 'pt', got {output_type!r}.")
-        unknown = set(callback_on_step_end_tensor_inputs) - set(CALLBACK_TENSOR_INPUTS)
-        if unknown:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}.")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}.")
+        if isinstance(callback_on_step_end_tensor_inputs, str) or not all(
+            name in self._callback_tensor_inputs for name in callback_on_step_end_tensor_inputs
+        ):
             raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` may name only {list(CALLBACK_TENSOR_INPUTS)}, got {sorted(unknown)}."
+                f"`callback_on_step_end_tensor_inputs` must be a list of names from {self._callback_tensor_inputs}, "
+                f"got {callback_on_step_end_tensor_inputs!r}."
             )
 
     @torch.no_grad()
+    @unet_in_eval_mode
     def __call__(
         self,
         batch_size: int = 1,
@@ -246,7 +294,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
-        callback_on_step_end: Callable[["DDPMPaperPipeline", int, int, dict], dict] | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         r"""
@@ -260,19 +308,20 @@ class DDPMPaperPipeline(DDPMPipeline):
             num_inference_steps (`int`, *optional*, defaults to 1000):
                 The number of denoising steps, 1..`num_train_timesteps`. The paper samples with all 1000.
             output_type (`str`, *optional*, defaults to `"pil"`):
-                `"pil"` (`PIL.Image`), `"np"` (`np.ndarray` in [0, 1], NHWC) or `"pt"` (`torch.Tensor`, NCHW).
+                `"pil"` (`PIL.Image`), `"np"` (`np.ndarray` in [0, 1], NHWC), `"pt"` (`torch.Tensor` in [0, 1],
+                NCHW) or `"latent"` (the final x_0 as sampled: an NCHW `torch.Tensor` on the [-1, 1] scale, unclipped).
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
             latents (`torch.Tensor` of shape `(batch_size, channels, height, width)`, *optional*):
                 The starting noise x_T. Drawn from `generator` when not given.
             eta (`float`, *optional*, defaults to 0.0):
                 The DDIM stochasticity; passed only to schedulers whose `step` accepts it.
-            callback_on_step_end (`Callable`, *optional*):
+            callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*):
                 Called after every step as `callback_on_step_end(pipe, i, t, callback_kwargs)`, with
                 `callback_kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs`. It returns a
-                dict; a `"latents"` entry replaces x_{t-1}.
+                dict; a `"latents"` entry replaces x_{t-1}. For a callback object the names are its `tensor_inputs`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
-                Any of `"latents"` (x_{t-1}), `"model_output"` (eps_theta(x_t, t)) and
+                Any of `_callback_tensor_inputs`: `"latents"` (x_{t-1}), `"model_output"` (eps_theta(x_t, t)) and
                 `"pred_original_sample"` (the predicted x_0).
 
         Example:
@@ -287,8 +336,16 @@ class DDPMPaperPipeline(DDPMPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images; with `return_dict=False` a
             tuple whose first element is the list (or array) of images.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
-            batch_size, num_inference_steps, generator, latents, output_type, callback_on_step_end_tensor_inputs
+            batch_size,
+            num_inference_steps,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
         device = self._execution_device
 
@@ -298,6 +355,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         else:
             latents = latents.to(device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
+        self._num_timesteps = len(self.scheduler.timesteps)
         step_kwargs = {"generator": generator}
         if "eta" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["eta"] = eta
@@ -325,7 +383,10 @@ class DDPMPaperPipeline(DDPMPipeline):
         return ImagePipelineOutput(images=images)
 
     def postprocess(self, sample: torch.Tensor, output_type: str = "pil") -> Any:
-        """Map x in [-1, 1] (NCHW) to [0, 1] as a tensor (`"pt"`), an NHWC array (`"np"`) or PIL images."""
+        """Map x in [-1, 1] (NCHW) to [0, 1] as a tensor (`"pt"`), an NHWC array (`"np"`) or PIL images; `"latent"`
+        returns `sample` itself."""
+        if output_type == "latent":
+            return sample
         image = (sample / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return image
@@ -399,6 +460,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         return (images.permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(self._execution_device)
 
     @torch.no_grad()
+    @unet_in_eval_mode
     def bits_per_dim(
         self,
         images: np.ndarray | torch.Tensor | list,
@@ -515,6 +577,8 @@ class DDPMPaperPipeline(DDPMPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         return int(self.scheduler.timesteps[self.scheduler.timesteps <= timestep].max())
 
+    @torch.no_grad()
+    @unet_in_eval_mode
     def denoise_from(
         self,
         x_t: torch.Tensor,
