@@ -7,7 +7,7 @@ JSON numbers are IEEE doubles written with Python's shortest round-trip `repr`, 
 exactly the float64 values the Python sampler uses.
 
 ```
-OUT/diffusion_coefficients.json
+OUT/diffusion_coefficients.json     # python -m ddpm_plugin.export.coefficients OUT
 {
   "format_version": 1,
   "scheduler": {"num_train_timesteps": 1000, "timestep_spacing": "leading", "variance_type": "fixed_large", ...},
@@ -85,3 +85,14 @@ def write_coefficients(export_dir: str | os.PathLike) -> Path:
     path = folder / COEFFICIENTS_FILE
     path.write_text(json.dumps(document, separators=(",", ":")) + "\n")
     return path
+
+
+if __name__ == "__main__":  # python -m ddpm_plugin.export.coefficients EXPORT_DIR
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m ddpm_plugin.export.coefficients EXPORT_DIR")
+    try:
+        print(write_coefficients(sys.argv[1]))
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")

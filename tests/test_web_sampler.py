@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -127,7 +129,7 @@ def test_site_files_say_how_to_get_what_is_missing(tmp_path, web_export):
     folder = tmp_path / "onnx"
     shutil.copytree(web_export, folder)
     (folder / COEFFICIENTS_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="write_coefficients"):
+    with pytest.raises(FileNotFoundError, match=r"python -m ddpm_plugin\.export\.coefficients"):
         site.site_files(folder)
 
 
@@ -282,3 +284,16 @@ def test_page_generates_samples_and_progression_then_rejects_bad_controls_keepin
         assert page.get_attribute("#status", "role") == "alert"
         assert page.inner_html("#gallery") == gallery  # nothing lost
     page.close()
+
+
+def test_coefficients_command_writes_the_file_or_says_why_in_one_line(web_export, tmp_path):
+    folder = tmp_path / "onnx"
+    shutil.copytree(web_export, folder)
+    (folder / COEFFICIENTS_FILE).unlink()
+    command = [sys.executable, "-m", "ddpm_plugin.export.coefficients"]
+    done = subprocess.run([*command, str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and (folder / COEFFICIENTS_FILE).is_file(), done.stderr
+    failed = subprocess.run([*command, str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().startswith("error:") and "does not exist" in failed.stderr
+    assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1

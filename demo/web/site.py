@@ -5,7 +5,8 @@ ONNX export from `model/`, all on its own host. [`site_files`] maps exactly thos
 else is served, so no request can reach another path of the machine.
 
 - [`serve`]: a threaded standard-library HTTP server (tests, benchmarks, `python -m ddpm_plugin.demo.web.site`).
-- [`asgi_app`]: the same files as a Starlette app, to mount beside the Gradio demo (`ddpm demo` at `/web/`).
+- [`asgi_app`] / [`page_mount`]: the same files as a Starlette app, mounted beside the Gradio demo (`ddpm demo`
+  serves it at `/web/`).
 
 Both send `Cross-Origin-Opener-Policy: same-origin` and `Cross-Origin-Embedder-Policy: require-corp`: with
 them the page is cross-origin isolated, which is what lets onnxruntime-web run WASM threads.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import mimetypes
 import os
 import threading
@@ -22,6 +24,8 @@ from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent
 PAGE_FILES = ("index.html", "app.js", "sampler.js", "style.css")
@@ -31,6 +35,7 @@ ORT_FILES = (
     "ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
     "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm",
 )
+WEB_PATH = "/web"  # where `ddpm demo` serves the page
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 CONTENT_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
                  ".json": "application/json", ".onnx": "application/octet-stream", ".css": "text/css",
@@ -60,7 +65,7 @@ def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
     absent = [str(path) for path in files.values() if not path.is_file()]
     if absent:
         raise FileNotFoundError(f"the browser page needs {absent[0]}; write the coefficients with "
-                                f"`ddpm_plugin.export.coefficients.write_coefficients({str(folder)!r})`.")
+                                f"`python -m ddpm_plugin.export.coefficients {folder}`.")
     return files
 
 
@@ -134,6 +139,18 @@ def asgi_app(export_dir: str | os.PathLike) -> Any:
         return FileResponse(file, media_type=content_type(file.name), headers=ISOLATION_HEADERS)
 
     return Starlette(routes=[Route("/{path:path}", page, methods=["GET"])])
+
+
+def page_mount(export_dir: str | os.PathLike, path: str = WEB_PATH) -> Any | None:
+    """`starlette.routing.Mount(path, ...)` serving the page on `export_dir`, or None (with a logged reason) when
+    onnxruntime-web or a file of the export is missing: the Gradio demo then runs without the link."""
+    from starlette.routing import Mount
+
+    try:
+        return Mount(path, app=asgi_app(export_dir))
+    except FileNotFoundError as error:
+        logger.warning("the browser sampler page is off: %s", error)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
