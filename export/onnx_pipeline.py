@@ -37,6 +37,9 @@ SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 ONNX_SUBFOLDER = "onnx"  # where a pipeline folder keeps its export
 FORMAT_VERSION = 1
 MAX_BOUND_BATCH_SIZES = 8  # buffers kept bound for this many batch sizes
+# `key: "location"` of an ONNX external data entry, as protobuf writes it (field 1, length 8), then the tag of
+# its value (field 2, length-delimited).
+EXTERNAL_LOCATION = b"\x0a\x08location\x12"
 Sampler = Literal["ddpm", "ddim"]
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
 
@@ -242,9 +245,10 @@ class OnnxDDPMPipeline:
                 f"ddpm-plugin reads version {FORMAT_VERSION}. Re-export with `ddpm export`."
             )
         scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
-        model_path = folder / metadata.get("model_file", MODEL_FILE)
+        model_path = model_file_in(folder, metadata.get("model_file", MODEL_FILE))
         if not model_path.is_file():
             raise FileNotFoundError(f"the ONNX model {model_path} is missing; re-export with `ddpm export`.")
+        check_external_data(model_path, folder)
         providers = resolve_providers(provider)
         names = [entry[0] if isinstance(entry, (tuple, list)) else entry for entry in providers]
         if cuda_graph:
@@ -256,6 +260,8 @@ class OnnxDDPMPipeline:
         except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... classes
             if "opset" in str(error).lower():
                 advice = "its opset is not supported by this onnxruntime: re-export with a lower `ddpm export --opset` or upgrade onnxruntime"
+            elif "external data" in str(error).lower():
+                advice = "onnxruntime refuses the external data file it names (outside the export folder, or missing): re-export it with `ddpm export`"
             else:
                 advice = "the file is probably truncated or corrupt: re-export it with `ddpm export`"
             raise OnnxModelError(
@@ -514,6 +520,60 @@ def resolve_export_folder(path: str | os.PathLike) -> Path:
         f"{folder} holds no ONNX export ({METADATA_FILE}, also not in {ONNX_SUBFOLDER}/); create one with "
         f"`ddpm export --model PIPELINE_DIR --output {folder}`."
     )
+
+
+def model_file_in(folder: Path, model_file: Any) -> Path:
+    """The model `ddpm_onnx.json` names, which must lie in the export folder (no `..`, no absolute path, no
+    symbolic link out of it): an export never loads a network from elsewhere."""
+    if not isinstance(model_file, str) or not _lies_in(folder, model_file):
+        raise OnnxModelError(
+            f"{folder / METADATA_FILE} names the model {model_file!r}, which lies outside the export folder "
+            f"{folder}; refusing to load it. Re-export with `ddpm export`."
+        )
+    return folder / model_file
+
+
+def check_external_data(model_path: Path, folder: Path) -> None:
+    """Refuse a model whose weights are kept in external data files outside the export folder.
+
+    Recent onnxruntime releases refuse them themselves (1.31 does), older ones read them (1.20.1 does); and the
+    `onnx` package may be missing here, so the locations are found in the protobuf bytes: an external data
+    entry is the message `StringStringEntryProto {key: "location", value: ...}`, serialised key first, as
+    `EXTERNAL_LOCATION` and a length-prefixed value.
+    """
+    import mmap
+
+    if model_path.stat().st_size == 0:  # nothing to map; onnxruntime reports the empty file
+        return
+    with model_path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        start = data.find(EXTERNAL_LOCATION)
+        while start != -1:
+            length, offset = _varint(data, start + len(EXTERNAL_LOCATION))
+            location = data[offset:offset + length].decode("utf-8", errors="replace")
+            if not _lies_in(folder, location):
+                raise OnnxModelError(
+                    f"{model_path} keeps its weights in the external data file {location!r}, which lies outside "
+                    f"the export folder {folder}; refusing to load it. Re-export with `ddpm export`."
+                )
+            start = data.find(EXTERNAL_LOCATION, offset + length)
+
+
+def _varint(data: Any, offset: int) -> tuple[int, int]:
+    """The protobuf varint at `offset`, and the offset after it."""
+    value, shift = 0, 0
+    while offset < len(data):
+        byte = data[offset]
+        value |= (byte & 0x7F) << shift
+        offset, shift = offset + 1, shift + 7
+        if not byte & 0x80:
+            break
+    return value, offset
+
+
+def _lies_in(folder: Path, name: str) -> bool:
+    """Whether the file `name` of `folder`, with every symbolic link followed, is inside `folder` (an absolute
+    `name` never is)."""
+    return not Path(name).is_absolute() and (folder / name).resolve().is_relative_to(folder.resolve())
 
 
 def _read_json(path: Path) -> dict[str, Any]:

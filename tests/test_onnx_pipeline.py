@@ -337,3 +337,61 @@ def test_bundled_onnx_export_matches_the_bundled_weights():
         expected = unet(torch.from_numpy(sample), torch.from_numpy(timestep)).sample.numpy()
     (actual,) = pipe.session.run(None, {"sample": sample, "timestep": timestep})
     assert np.abs(actual - expected).max() < 1e-4  # a stale export (weights retrained) fails here
+
+
+# --- Nothing is loaded from outside the export folder (issue 11, item 7). ---
+
+
+@pytest.fixture
+def foreign_model(export_copy, tmp_path) -> Path:
+    """A working model outside the export folder."""
+    foreign = tmp_path / "x" / "foreign.onnx"
+    foreign.parent.mkdir()
+    shutil.copyfile(export_copy / "model.onnx", foreign)
+    return foreign
+
+
+@pytest.mark.parametrize("model_file", ["../x/foreign.onnx", "{foreign}", "link.onnx"])
+def test_a_model_file_outside_the_export_folder_is_refused(export_copy, foreign_model, model_file):
+    if model_file == "link.onnx":  # a link in the folder that leads out of it
+        (export_copy / model_file).symlink_to(foreign_model)
+    metadata = json.loads((export_copy / "ddpm_onnx.json").read_text())
+    metadata["model_file"] = model_file.format(foreign=foreign_model)
+    (export_copy / "ddpm_onnx.json").write_text(json.dumps(metadata))
+    with pytest.raises(OnnxModelError, match="outside the export folder") as error:
+        OnnxDDPMPipeline.from_pretrained(export_copy, provider="cpu")
+    assert f"{export_copy / 'ddpm_onnx.json'} names the model {metadata['model_file']!r}" in str(error.value)
+
+
+def with_external_data(folder: Path, location: str) -> Path:
+    """Rewrite `folder/model.onnx` to keep its weights in `model.onnx.data`, then record `location` for them."""
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(folder / "model.onnx"))
+    return folder / "model.onnx.data"
+
+
+def test_external_data_in_the_export_folder_loads(export_copy, onnx_pipeline):
+    with_external_data(export_copy, "model.onnx.data")
+    pipe = OnnxDDPMPipeline.from_pretrained(export_copy, provider="cpu", num_threads=1)
+    np.testing.assert_array_equal(pipe(batch_size=2, num_inference_steps=3, seed=0, progress_bar=False).images,
+                                  onnx_pipeline(batch_size=2, num_inference_steps=3, seed=0, progress_bar=False).images)
+
+
+@pytest.mark.parametrize("location", ["../secret/weights.data", "{secret}/weights.data", "link.data"])
+def test_external_data_outside_the_export_folder_is_refused(export_copy, tmp_path, location):
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    data = with_external_data(export_copy, location.format(secret=secret))
+    shutil.move(data, secret / "weights.data")  # the weights now lie outside the folder, where the model points
+    if location == "link.data":
+        (export_copy / location).symlink_to(secret / "weights.data")
+    with pytest.raises(OnnxModelError, match="outside the export folder") as error:
+        OnnxDDPMPipeline.from_pretrained(export_copy, provider="cpu")
+    assert location.format(secret=secret) in str(error.value) and "truncated or corrupt" not in str(error.value)
