@@ -11,10 +11,11 @@ A checkpoint is a folder `checkpoint-<step>` holding:
 | `trainer_state.json` | step, data position, learning-rate schedule, python/NumPy RNG states of every process, config |
 | `manifest.json` | SHA-256 of each file above, written last |
 
-Tensors go to safetensors and everything else to JSON, so resuming unpickles nothing. The folder is written under
-a temporary name and renamed into place (`os.replace`) only when complete, so a kill mid-write leaves the
-previous checkpoint intact; the manifest catches a checkpoint damaged later (truncated or altered files), and
-`load_latest_checkpoint` then falls back to the one before it.
+Tensors go to safetensors and everything else to JSON, so resuming unpickles nothing (safetensors rather than
+`torch.save`, whose loading can run arbitrary code). The folder is written under a temporary name and renamed
+into place (`os.replace`) only when complete, so a kill or a full disk mid-write leaves the previous checkpoint
+intact; the manifest, which must list every file, catches a checkpoint damaged later (truncated, altered, missing
+or extra files), and `load_latest_checkpoint` then falls back to the one before it.
 """
 
 from __future__ import annotations
@@ -32,15 +33,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
+                    "trainer_state.json")
 
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint folder is incomplete or its files do not match its manifest."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); the partial folder was removed."""
 
 
 @dataclass
@@ -143,7 +151,9 @@ def save_checkpoint(
 ) -> Path:
     """Write `directory/checkpoint-<step>` atomically; then keep only the newest `total_limit` checkpoints.
 
-    Call it on the main process only. `rng_states` holds one `capture_rng_state()` per process.
+    Call it on the main process only. `rng_states` holds one `capture_rng_state()` per process. Raises
+    `CheckpointWriteError` when the folder cannot be written; the partial folder is then removed and every
+    earlier checkpoint is left as it was.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -151,23 +161,15 @@ def save_checkpoint(
     for unfinished in directory.glob(f"{TEMP_PREFIX}*"):  # left by a run killed mid-write; one writer per folder
         shutil.rmtree(unfinished, ignore_errors=True)
     temp = directory / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
-    temp.mkdir()
-
-    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer)
-    rng_tensors = {f"{rank}.torch": s["torch"] for rank, s in enumerate(rng_states)}
-    rng_tensors.update({f"{rank}.cuda.{d}": c for rank, s in enumerate(rng_states) for d, c in enumerate(s["cuda"])})
-    save_file({k: v.contiguous() for k, v in model.items()}, temp / "model.safetensors")
-    save_file(ema, temp / "ema.safetensors")
-    save_file(optimizer_tensors, temp / "optimizer.safetensors")
-    save_file(rng_tensors, temp / "rng.safetensors")
-    _write_json(temp / "optimizer.json", optimizer_meta)
-    python_numpy = [{"python": s["python"], "numpy": s["numpy"], "num_cuda": len(s["cuda"])} for s in rng_states]
-    _write_json(temp / "trainer_state.json", {**trainer_state, "step": step, "rng": python_numpy})
-    files = sorted(p.name for p in temp.iterdir())
-    for name in files:
-        _fsync(temp / name)
-    _write_json(temp / MANIFEST, {name: _sha256(temp / name) for name in files})
-    _fsync(temp / MANIFEST)
+    try:
+        _write_checkpoint_files(temp, step, model, ema, optimizer, rng_states, trainer_state)
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        kept = list_checkpoints(directory)
+        previous = f"the previous checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
+        reason = getattr(error, "strerror", None) or re.sub(r" \(os error \d+\)$", "", str(error).split("I/O error: ")[-1])
+        raise CheckpointWriteError(f"could not write {final.name} in {directory}: {reason}. The partial checkpoint "
+                                   f"was removed and {previous}.") from error
 
     if final.exists():  # re-saving a step: move the old one aside first (rename cannot replace a full folder)
         stale = directory / f"{TEMP_PREFIX}stale-{final.name}-{os.getpid()}"
@@ -180,6 +182,37 @@ def save_checkpoint(
         for old in list_checkpoints(directory)[:-total_limit]:
             shutil.rmtree(old)
     return final
+
+
+def _write_checkpoint_files(temp: Path, step: int, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
+                            optimizer: dict[str, Any], rng_states: list[dict[str, Any]], trainer_state: dict[str, Any]) -> None:
+    """Every file of a checkpoint, fsynced, the manifest last."""
+    temp.mkdir()
+    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer)
+    rng_tensors = {f"{rank}.torch": s["torch"] for rank, s in enumerate(rng_states)}
+    rng_tensors.update({f"{rank}.cuda.{d}": c for rank, s in enumerate(rng_states) for d, c in enumerate(s["cuda"])})
+    _write_json(temp / "optimizer.json", optimizer_meta)
+    python_numpy = [{"python": s["python"], "numpy": s["numpy"], "num_cuda": len(s["cuda"])} for s in rng_states]
+    _write_json(temp / "trainer_state.json", {**trainer_state, "step": step, "rng": python_numpy})
+    save_file({k: v.contiguous() for k, v in model.items()}, temp / "model.safetensors")
+    save_file(ema, temp / "ema.safetensors")
+    save_file(optimizer_tensors, temp / "optimizer.safetensors")
+    save_file(rng_tensors, temp / "rng.safetensors")
+    match_json_permissions(temp)
+    files = sorted(p.name for p in temp.iterdir())
+    for name in files:
+        _fsync(temp / name)
+    _write_json(temp / MANIFEST, {name: _sha256(temp / name) for name in files})
+    _fsync(temp / MANIFEST)
+
+
+def match_json_permissions(folder: str | os.PathLike) -> None:
+    """Give every `.safetensors` file under `folder` the permissions of a JSON file beside it: safetensors creates
+    its files readable by the owner only (0600), whatever the umask gave the JSON (usually 0644)."""
+    for weights in Path(folder).rglob("*.safetensors"):
+        beside = next(iter(sorted(weights.parent.glob("*.json"))), None)
+        if beside is not None:
+            shutil.copymode(beside, weights)
 
 
 # --- Reading. ---
@@ -197,16 +230,7 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load and verify one checkpoint folder; raises `CorruptCheckpointError` saying what is wrong."""
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise CorruptCheckpointError(f"{path}: missing or unreadable {MANIFEST} ({error}).") from error
-    for name, expected in manifest.items():
-        file = path / name
-        if not file.is_file():
-            raise CorruptCheckpointError(f"{path}: {name} is missing.")
-        if _sha256(file) != expected:
-            raise CorruptCheckpointError(f"{path}: {name} does not match its checksum (truncated or altered).")
+    _verify_manifest(path)
     try:
         trainer_state = json.loads((path / "trainer_state.json").read_text())
         optimizer_meta = json.loads((path / "optimizer.json").read_text())
@@ -230,6 +254,26 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     except (OSError, ValueError, KeyError) as error:
         raise CorruptCheckpointError(f"{path}: cannot be read ({type(error).__name__}: {error}).") from error
+
+
+def _verify_manifest(path: Path) -> None:
+    """Check that the manifest lists exactly the checkpoint's files, all of them present and matching."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"{path}: missing or unreadable {MANIFEST} ({error}).") from error
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
+        raise CorruptCheckpointError(f"{path}: {MANIFEST} is not an object of file checksums.")
+    on_disk = {p.name for p in path.iterdir()} - {MANIFEST}
+    unlisted = sorted((on_disk | set(CHECKPOINT_FILES)) - set(manifest))
+    if unlisted:
+        raise CorruptCheckpointError(f"{path}: {MANIFEST} does not list {', '.join(unlisted)}.")
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            raise CorruptCheckpointError(f"{path}: {name} is missing.")
+        if _sha256(file) != expected:
+            raise CorruptCheckpointError(f"{path}: {name} does not match its checksum (truncated or altered).")
 
 
 def load_latest_checkpoint(directory: str | os.PathLike) -> Checkpoint | None:

@@ -2,13 +2,15 @@
 `datasets` name or local path.
 
 Every source yields uint8 tensors `[C, H, W]`; `to_model_range` maps them to [-1, 1] as x / 127.5 - 1 (the
-official code's scaling). Everything is checked before training starts, and a bad item is reported with the
-file (or dataset row) it came from, so a run never dies hours in on one broken image.
+official code's scaling). Every image is decoded once before training starts, and a bad item is reported with
+the file (or dataset row) it came from, so a run never dies hours in on one broken image; should a file change
+under a running job, the error it raises (`DataError`) still names it.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +21,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture")
 # PIL modes we accept, and the channel count each gives ("P" palettes are expanded to RGB).
 MODE_CHANNELS = {"1": 1, "L": 1, "P": 3, "RGB": 3}
+SKIPPED_SHOWN = 5  # skipped file names listed in the warning
+
+
+class DataError(ValueError):
+    """An image or data set that cannot be used; the message names the file or row."""
 
 
 class ImageDataset(Protocol):
@@ -34,7 +41,7 @@ class TensorImageDataset:
 
     def __init__(self, images: torch.Tensor, source: str):
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"{source}: expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}.")
+            raise DataError(f"{source}: expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}.")
         self.images, self.source = images, source
 
     def __len__(self) -> int:
@@ -49,7 +56,7 @@ class TensorImageDataset:
 
 
 class ImageFolderDataset:
-    """Image files under a folder (recursively), decoded on access; their headers are checked up front."""
+    """Image files under a folder (recursively), decoded on access; each was decoded once up front."""
 
     def __init__(self, files: list[Path], channels: int, pad: int):
         self.files, self.channels, self.pad = files, channels, pad
@@ -58,23 +65,27 @@ class ImageFolderDataset:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
-
-        with Image.open(self.files[index]) as image:
-            return _pil_to_tensor(image, self.channels, self.pad)
+        file = self.files[index]
+        try:
+            return _pil_to_tensor(_decode(file), self.channels, self.pad)
+        except Exception as error:
+            raise DataError(f"{file}: unreadable image ({error}).") from error
 
 
 class HFImageDataset:
     """One image column of a Hugging Face `datasets.Dataset`, decoded on access."""
 
-    def __init__(self, dataset: Any, column: str, channels: int, pad: int):
-        self.dataset, self.column, self.channels, self.pad = dataset, column, channels, pad
+    def __init__(self, dataset: Any, column: str, channels: int, pad: int, source: str):
+        self.dataset, self.column, self.channels, self.pad, self.source = dataset, column, channels, pad, source
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return _pil_to_tensor(self.dataset[int(index)][self.column], self.channels, self.pad)
+        try:
+            return _pil_to_tensor(self.dataset[int(index)][self.column], self.channels, self.pad)
+        except Exception as error:
+            raise DataError(f"{self.source} row {index}: unreadable image ({error}).") from error
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -98,8 +109,9 @@ def load_image_dataset(dataset: str, image_size: int, channels: int) -> ImageDat
             1 (grayscale) or 3 (RGB).
 
     Raises:
-        `ValueError` or `FileNotFoundError` naming the offending file or row: an empty folder, an unreadable
-        file, a wrong channel count, mixed or wrong sizes.
+        `DataError` (a `ValueError`) or `FileNotFoundError` naming the offending file or row: an empty folder,
+        an unreadable file, a wrong channel count, mixed or wrong sizes. Files in a folder that are not images
+        are skipped with a warning naming them.
     """
     if dataset == "digits":
         from sklearn.datasets import load_digits
@@ -118,22 +130,22 @@ def load_image_dataset(dataset: str, image_size: int, channels: int) -> ImageDat
 
 
 def _padding(height: int, width: int, image_size: int, source: str) -> int:
-    """The zero padding on each side that brings `height` x `width` to `image_size`, or a ValueError."""
+    """The zero padding on each side that brings `height` x `width` to `image_size`, or a `DataError`."""
     margin = image_size - height
     if height != width or margin < 0 or margin % 2:
-        raise ValueError(f"{source}: images are {height}x{width}, the preset needs {image_size}x{image_size}.")
+        raise DataError(f"{source}: images are {height}x{width}, the preset needs {image_size}x{image_size}.")
     return margin // 2
 
 
 def _array_dataset(images: np.ndarray, source: str, image_size: int, channels: int) -> TensorImageDataset:
     if images.dtype != np.uint8:
-        raise ValueError(f"{source}: `images` must be uint8 pixels 0..255, got {images.dtype}.")
+        raise DataError(f"{source}: `images` must be uint8 pixels 0..255, got {images.dtype}.")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"{source}: `images` must be a non-empty [N, H, W] or [N, H, W, C] array, got {images.shape}.")
+        raise DataError(f"{source}: `images` must be a non-empty [N, H, W] or [N, H, W, C] array, got {images.shape}.")
     if images.shape[-1] != channels:
-        raise ValueError(f"{source}: images have {images.shape[-1]} channels, the preset needs {channels}.")
+        raise DataError(f"{source}: images have {images.shape[-1]} channels, the preset needs {channels}.")
     pad = _padding(images.shape[1], images.shape[2], image_size, source)
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     tensor = torch.nn.functional.pad(tensor, (pad,) * 4).contiguous()
@@ -146,36 +158,52 @@ def _npz_dataset(path: Path, image_size: int, channels: int) -> TensorImageDatas
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "images" not in archive.files:
-                raise ValueError(f"{path}: no `images` array (it has {archive.files}).")
+                raise DataError(f"{path}: no `images` array (it has {archive.files}).")
             images = archive["images"]
-    except ValueError:
+    except DataError:
         raise
     except Exception as error:  # zipfile.BadZipFile, EOFError, OSError: a damaged archive
-        raise ValueError(f"{path}: unreadable .npz file ({error}).") from error
+        raise DataError(f"{path}: unreadable .npz file ({error}).") from error
     return _array_dataset(images, str(path), image_size, channels)
 
 
 def _folder_dataset(folder: Path, image_size: int, channels: int) -> ImageFolderDataset:
-    from PIL import Image
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    everything = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = [p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
-        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder.")
+        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder.")
+    _report_skipped(folder, [p for p in everything if p.suffix.lower() not in IMAGE_SUFFIXES])
     first_size = None
     for file in files:
         try:
-            with Image.open(file) as image:
-                image.verify()  # reads the whole file and checks it, without decoding pixels
-                size, mode = image.size, image.mode
+            image = _decode(file)
         except Exception as error:
-            raise ValueError(f"{file}: unreadable image ({error}).") from error
-        _check_mode(mode, channels, str(file))
-        first_size = first_size or (size, file)
-        if size != first_size[0]:
-            raise ValueError(f"{file}: image is {size[0]}x{size[1]} but {first_size[1]} is {first_size[0][0]}x{first_size[0][1]}; "
-                             "all images must have one size.")
+            raise DataError(f"{file}: unreadable image ({error}).") from error
+        _check_mode(image.mode, channels, str(file))
+        first_size = first_size or (image.size, file)
+        if image.size != first_size[0]:
+            raise DataError(f"{file}: image is {image.size[0]}x{image.size[1]} but {first_size[1]} is "
+                            f"{first_size[0][0]}x{first_size[0][1]}; all images must have one size.")
     width, height = first_size[0]
     return ImageFolderDataset(files, channels, _padding(height, width, image_size, str(first_size[1])))
+
+
+def _decode(file: Path) -> Any:
+    """The PIL image in `file`, every pixel decoded: a header check (`verify()`) passes a PNG whose compressed
+    data is corrupt under valid checksums."""
+    from PIL import Image
+
+    with open(file, "rb") as stream:
+        image = Image.open(stream)
+        image.load()
+    return image
+
+
+def _report_skipped(folder: Path, skipped: list[Path]) -> None:
+    if skipped:
+        names = ", ".join(str(p.relative_to(folder)) for p in skipped[:SKIPPED_SHOWN])
+        more = f" and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+        warnings.warn(f"{folder}: skipped {len(skipped)} file(s) that are not images: {names}{more}.", stacklevel=3)
 
 
 def _is_saved_hf_dataset(path: Path) -> bool:
@@ -192,34 +220,38 @@ def _hf_dataset(name: str, image_size: int, channels: int) -> HFImageDataset:
     try:
         import datasets
     except ImportError as error:
-        raise ValueError(f"{name!r} is not digits, mnist, a folder or an .npz file; Hugging Face datasets need "
+        raise DataError(f"{name!r} is not digits, mnist, a folder or an .npz file; Hugging Face datasets need "
                          "`pip install ddpm-plugin[datasets]`.") from error
     path = Path(name)
     if path.is_dir() and _is_saved_hf_dataset(path):
         loaded = datasets.load_from_disk(str(path))
     elif path.exists() and not path.is_dir():
-        raise ValueError(f"{path}: not a folder, an .npz file or a saved dataset.")
+        raise DataError(f"{path}: not a folder, an .npz file or a saved dataset.")
     else:
         try:
             loaded = datasets.load_dataset(name, split="train")
         except Exception as error:
-            raise ValueError(f"{name!r}: not a local folder/.npz and `datasets.load_dataset` failed: {error}") from error
+            raise DataError(f"{name!r}: not a local folder/.npz and `datasets.load_dataset` failed: {error}") from error
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise ValueError(f"{name}: the dataset has no 'train' split (splits: {list(loaded)}).")
+            raise DataError(f"{name}: the dataset has no 'train' split (splits: {list(loaded)}).")
         loaded = loaded["train"]
     column = find_image_column(loaded.features, name)
     if len(loaded) == 0:
-        raise ValueError(f"{name}: the dataset is empty.")
+        raise DataError(f"{name}: the dataset is empty.")
     first_size = None
-    for row in range(len(loaded)):  # headers only: `datasets` decodes Image features lazily with PIL
-        image = loaded[row][column]
+    for row in range(len(loaded)):  # `datasets` opens Image features lazily with PIL: decode each once
+        try:
+            image = loaded[row][column]
+            image.load()
+        except Exception as error:
+            raise DataError(f"{name} row {row}: unreadable image ({error}).") from error
         _check_mode(image.mode, channels, f"{name} row {row}")
         first_size = first_size or image.size
         if image.size != first_size:
-            raise ValueError(f"{name} row {row}: image is {image.size}, row 0 is {first_size}; all images must have one size.")
+            raise DataError(f"{name} row {row}: image is {image.size}, row 0 is {first_size}; all images must have one size.")
     pad = _padding(first_size[1], first_size[0], image_size, name)
-    return HFImageDataset(loaded, column, channels, pad)
+    return HFImageDataset(loaded, column, channels, pad, name)
 
 
 def find_image_column(features: Any, source: str) -> str:
@@ -232,14 +264,14 @@ def find_image_column(features: Any, source: str) -> str:
     for column in IMAGE_COLUMN_NAMES:
         if column in features:
             return column
-    raise ValueError(f"{source}: no image column (columns: {list(features)}).")
+    raise DataError(f"{source}: no image column (columns: {list(features)}).")
 
 
 def _check_mode(mode: str, channels: int, source: str) -> None:
     if mode not in MODE_CHANNELS:
-        raise ValueError(f"{source}: unsupported image mode {mode!r} (supported: {sorted(MODE_CHANNELS)}).")
+        raise DataError(f"{source}: unsupported image mode {mode!r} (supported: {sorted(MODE_CHANNELS)}).")
     if MODE_CHANNELS[mode] != channels:
-        raise ValueError(f"{source}: image has {MODE_CHANNELS[mode]} channel(s) ({mode}), the preset needs {channels}.")
+        raise DataError(f"{source}: image has {MODE_CHANNELS[mode]} channel(s) ({mode}), the preset needs {channels}.")
 
 
 def _pil_to_tensor(image: Any, channels: int, pad: int) -> torch.Tensor:

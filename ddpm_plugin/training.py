@@ -4,46 +4,62 @@ One loop, read top to bottom: a config, the data, the model, then a loop that dr
 step on L_simple = E ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2, updates the EMA,
 logs, checkpoints and samples. Accelerate appears only at the edges (processes, DDP, autocast, trackers).
 
-The same file runs on one CPU, on several processes or on many GPUs; only the launch changes:
+The same code runs on one CPU, on several processes or on many GPUs; only the launch changes:
 
 ```sh
 ddpm train --preset digits --output-dir runs/digits
-accelerate launch --multi_gpu --num_processes 8 -m ddpm_plugin.training --preset cifar10 --output-dir runs/cifar10
+accelerate launch --multi_gpu --num_processes 8 -m ddpm_plugin.cli train --preset cifar10 --output-dir runs/cifar10
 ```
 
 A run writes `OUTPUT/training_config.json`, `OUTPUT/checkpoints/checkpoint-<step>/`, `OUTPUT/tensorboard/`,
 `OUTPUT/samples/step-<step>.png` and, at the end, the pipeline `OUTPUT/pipeline/` (EMA weights, the raw weights
-as variant `non_ema`).
+as variant `non_ema`). A folder that already holds a run is only resumed, or started over when asked.
 
 Exact resume: batches are indexed out of a seeded per-epoch permutation, so the data position is a function of
-the step (nothing is iterated to skip batches), and each checkpoint holds every process's RNG states.
+the step (nothing is iterated to skip batches), and each checkpoint holds every process's RNG states and the
+losses summed since the last log, so a resumed run logs the values the uninterrupted one does.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
+import math
+import shutil
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import Checkpoint, capture_rng_state, load_checkpoint, load_latest_checkpoint, restore_rng_state, save_checkpoint
-from .data import ImageDataset, load_image_dataset, to_model_range
+from .checkpoints import (
+    Checkpoint,
+    CheckpointWriteError,
+    capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_checkpoint,
+    match_json_permissions,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .data import DataError, ImageDataset, load_image_dataset, to_model_range
 from .ema import ExponentialMovingAverage
 from .pipelines.diffusion_ops import q_sample
 from .pipelines.gaussian_diffusion import GaussianDiffusion
 from .presets import PaperUNet2DModel, get_preset
-from .training_config import RESUMABLE_CHANGES, TrainingConfig
+from .training_config import RESUMABLE_CHANGES, ConfigError, TrainingConfig
 
 PERMUTATION_SEED_OFFSET = 1_000_003  # keeps the data order's generator apart from the model-init seed
+RUN_ENTRIES = ("training_config.json", "checkpoints", "tensorboard", "samples", "pipeline")  # what a run writes
+ONNX_FOLDER = "onnx"  # where `ddpm export` puts a pipeline folder's export
+
+Log = Callable[[str], None]  # prints once, on the main process
 
 
 @dataclass
@@ -51,10 +67,11 @@ class TrainingResult:
     """What `train` returns: the final step and loss, the trained networks, and where the run's files are."""
 
     step: int
-    loss: float
+    loss: float  # the mean loss of the last logging window (NaN when none was logged)
     unet: torch.nn.Module  # the raw (non-EMA) weights
     ema_unet: torch.nn.Module  # the EMA weights, as saved in the pipeline
     pipeline_dir: Path
+    already_finished: bool = False  # the resumed checkpoint had reached `max_steps`: nothing was trained or written
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -123,6 +140,15 @@ def image_batches(dataset: ImageDataset, start: int, config: TrainingConfig, glo
     return iter(loader)
 
 
+def next_batch(batches: Iterator[torch.Tensor]) -> torch.Tensor:
+    """The next micro-batch; a data error names its file in one line, also when a loader worker raised it (the
+    loader re-raises it with the worker's traceback as the message, whose last line is ours)."""
+    try:
+        return next(batches)
+    except DataError as error:
+        raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+
 def training_loss(unet: torch.nn.Module, diffusion: GaussianDiffusion, x_start: torch.Tensor, random_flip: bool) -> torch.Tensor:
     """Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), loss = mean (eps - eps_theta(x_t, t))^2."""
     batch = x_start.shape[0]
@@ -174,25 +200,18 @@ def sample_grid(unet: torch.nn.Module, config: TrainingConfig, step: int):
     return make_grid(images, scale=max(1, 64 // images.shape[1]))
 
 
-def save_final_pipeline(unet: torch.nn.Module, ema: ExponentialMovingAverage, config: TrainingConfig) -> Path:
-    """OUTPUT/pipeline: the EMA weights as the pipeline's UNet, the raw weights as variant `non_ema`."""
+def save_final_pipeline(unet: torch.nn.Module, ema: ExponentialMovingAverage, config: TrainingConfig, log: Log) -> Path:
+    """OUTPUT/pipeline: the EMA weights as the pipeline's UNet, the raw weights as variant `non_ema`. An ONNX export
+    left in it was made from other weights and is removed."""
     path = Path(config.output_dir) / "pipeline"
+    stale_export = path / ONNX_FOLDER
+    if stale_export.is_dir():
+        shutil.rmtree(stale_export)
+        log(f"removed {stale_export}: it was exported from earlier weights (export again with `ddpm export`)")
     make_pipeline(ema_copy(unet, ema), config.preset).save_pretrained(path)
     unet.to(memory_format=torch.contiguous_format).save_pretrained(path / "unet", variant="non_ema")
+    match_json_permissions(path)
     return path
-
-
-def check_finite(first_bad_step: torch.Tensor, accelerator, config: TrainingConfig) -> None:
-    """Raise `NonFiniteLossError` on every process if any process's loss was NaN/inf so far (one host sync,
-    at log and checkpoint steps only)."""
-    bad_steps = accelerator.gather(first_bad_step[None]).cpu()
-    bad_steps = bad_steps[bad_steps >= 0]
-    if bad_steps.numel():
-        from .checkpoints import list_checkpoints
-
-        kept = list_checkpoints(Path(config.output_dir) / "checkpoints")
-        last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written before it"
-        raise NonFiniteLossError(f"the loss became non-finite at step {int(bad_steps.min())}; training stopped and {last}.")
 
 
 def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -206,18 +225,244 @@ def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def resume_checkpoint(config: TrainingConfig) -> Checkpoint | None:
+# --- The run's state, and the steps of `train`. ---
+
+
+class LossWindow:
+    """The step losses since the last log, summed on the device (no host sync per step), and the first step whose
+    loss was not finite (checked at log and checkpoint steps only)."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+        self.first_bad_step = torch.tensor(-1, device=device)
+        self.last_mean = math.nan  # the last logged mean
+
+    def add(self, step_loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(step_loss) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+        self.total += step_loss
+        self.count += 1
+
+    def check_finite(self, accelerator: Any, checkpoints: Path) -> None:
+        """Raise `NonFiniteLossError` on every process if any process's loss was NaN/inf so far."""
+        bad_steps = accelerator.gather(self.first_bad_step[None]).cpu()
+        bad_steps = bad_steps[bad_steps >= 0]
+        if bad_steps.numel():
+            kept = list_checkpoints(checkpoints)
+            last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written before it"
+            raise NonFiniteLossError(f"the loss became non-finite at step {int(bad_steps.min())}; training stopped and {last}.")
+
+    def mean(self, accelerator: Any) -> float:
+        """The window's mean loss over every process, then a new window."""
+        self.last_mean = float(accelerator.reduce(self.total, reduction="mean")) / self.count
+        self.total.zero_()
+        self.count = 0
+        return self.last_mean
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's window, exactly (a float32 sum is exact as a JSON float)."""
+        return {"total": float(self.total), "count": self.count}
+
+    def load_state_dict(self, windows: list[dict[str, Any]], rank: int, world_size: int, last_mean: float | None) -> None:
+        """Restore this process's window from every process's; with another process count, each takes their mean
+        sum, which keeps the logged mean. Checkpoints written before windows were saved hold none: a new window."""
+        if windows:
+            same_layout = len(windows) == world_size
+            self.total.fill_(windows[rank]["total"] if same_layout else sum(w["total"] for w in windows) / len(windows))
+            self.count = windows[0]["count"]
+        self.last_mean = math.nan if last_mean is None else last_mean
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds and a resume restores: the network, its EMA, Adam, the step, the loss window, and
+    every process's RNG states (captured when saved)."""
+
+    unet: torch.nn.Module  # the unwrapped module whose weights are saved
+    ema: ExponentialMovingAverage
+    optimizer: torch.optim.Optimizer
+    losses: LossWindow
+    step: int = 0
+
+    def save(self, accelerator: Any, config: TrainingConfig, micro_batch: int) -> None:
+        """Write `OUTPUT/checkpoints/checkpoint-<step>` from the main process; every process raises
+        `CheckpointWriteError` if it could not be written."""
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        per_process = gather_object([{"rng": capture_rng_state(), "losses": self.losses.state_dict()}])
+        failure = None
+        if accelerator.is_main_process:
+            names = parameter_names(self.unet)
+            trainer_state = {
+                "config": asdict(config), "world_size": accelerator.num_processes,
+                "lr": learning_rate_at(self.step - 1, config),
+                "data_position": {"micro_step": self.step * config.gradient_accumulation_steps,
+                                  "permutation_seed": config.seed, "global_micro_batch": micro_batch},
+                "loss_window": [p["losses"] for p in per_process],
+                "loss": None if math.isnan(self.losses.last_mean) else self.losses.last_mean,
+            }
+            try:
+                save_checkpoint(Path(config.output_dir) / "checkpoints", step=self.step, model=self.unet.state_dict(),
+                                ema=self.ema.state_dict(names), optimizer=self.optimizer.state_dict(),
+                                rng_states=[p["rng"] for p in per_process], trainer_state=trainer_state,
+                                total_limit=config.checkpoints_total_limit)
+            except CheckpointWriteError as error:
+                failure = str(error)
+        failure = broadcast_object_list([failure])[0]  # also the barrier after the write
+        if failure is not None:
+            raise CheckpointWriteError(failure)
+
+    def restore(self, checkpoint: Checkpoint, accelerator: Any, config: TrainingConfig, log: Log) -> None:
+        """Continue from `checkpoint`: weights, EMA, Adam, step, loss window and this process's RNG states."""
+        from accelerate.utils import set_seed
+
+        saved = checkpoint.trainer_state.get("config", {})
+        if saved.get("preset", config.preset) != config.preset:
+            raise ConfigError("preset", f"is {config.preset!r} ({_describe(config.preset)}), but {checkpoint.path} was "
+                                        f"trained with preset {saved['preset']!r} ({_describe(saved['preset'])}); "
+                                        f"resume with `preset` {saved['preset']} or train into another `output_dir`.")
+        try:
+            self.unet.load_state_dict(checkpoint.model)
+            self.ema.load_state_dict(checkpoint.ema, parameter_names(self.unet))
+        except (RuntimeError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[-1].strip()
+            raise ConfigError("preset", f"{config.preset!r} ({_describe(config.preset)}) does not fit the weights in "
+                                        f"{checkpoint.path} ({first_line}).") from None
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        match_parameter_layout(self.optimizer)
+        self.step = checkpoint.step
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        if len(checkpoint.rng_states) == world_size:
+            restore_rng_state(checkpoint.rng_states[rank])
+        else:
+            log(f"warning: the checkpoint has RNG states for {len(checkpoint.rng_states)} processes, this run has "
+                f"{world_size}; reseeding (the run is no longer bitwise reproducible).")
+            set_seed(config.seed + self.step, device_specific=True)
+        self.losses.load_state_dict(checkpoint.trainer_state.get("loss_window", []), rank, world_size,
+                                    checkpoint.trainer_state.get("loss"))
+        warn_config_changes(saved, config, log)
+        log(f"resumed from {checkpoint.path} at step {self.step}")
+
+
+def _describe(preset: str) -> str:
+    try:
+        spec = get_preset(preset)
+    except ValueError:
+        return "not a preset of this version"
+    return f"{spec.image_size}x{spec.image_size}x{spec.channels}, {spec.num_parameters:,} parameters"
+
+
+def warn_config_changes(saved: dict[str, Any], config: TrainingConfig, log: Log) -> None:
+    changed = {k: (saved[k], v) for k, v in asdict(config).items()
+               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v}
+    if changed:
+        log(f"warning: resuming with settings that differ from the checkpoint's (saved, now): {changed}")
+
+
+def claim_output_dir(config: TrainingConfig) -> list[Path]:
+    """The run files already in `output_dir` that this run may replace: none unless `overwrite`. A new run into a
+    folder that holds one is refused (nothing is touched) unless it resumes or overwrites."""
+    output = Path(config.output_dir)
+    found = [output / name for name in RUN_ENTRIES if (output / name).exists()]
+    if found and config.resume_from_checkpoint is None and not config.overwrite:
+        raise ConfigError("output_dir", f"already holds a run ({output}: {', '.join(p.name for p in found)}); pass "
+                                        "`resume_from_checkpoint` latest to continue it, `overwrite` to start it over, "
+                                        "or another `output_dir`.")
+    return found if config.overwrite else []
+
+
+def start_run_files(config: TrainingConfig, replaced: list[Path], accelerator: Any, log: Log) -> None:
+    """On the main process, once every process has checked the folder: remove the files of the run being
+    overwritten, then write `training_config.json`."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    for path in replaced:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if replaced:
+        log(f"overwrite: removed {', '.join(p.name for p in replaced)} from {config.output_dir}")
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "training_config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+
+
+def checkpoint_to_resume(config: TrainingConfig, log: Log) -> Checkpoint | None:
+    """The checkpoint `resume_from_checkpoint` names, or None (saying so when "latest" finds none)."""
     if config.resume_from_checkpoint is None:
         return None
     if config.resume_from_checkpoint == "latest":
-        return load_latest_checkpoint(Path(config.output_dir) / "checkpoints")
+        checkpoints = Path(config.output_dir) / "checkpoints"
+        checkpoint = load_latest_checkpoint(checkpoints)
+        if checkpoint is None:
+            log(f"no checkpoint in {checkpoints} to resume from: starting at step 0")
+        return checkpoint
+    if not Path(config.resume_from_checkpoint).is_dir():
+        raise ConfigError("resume_from_checkpoint", f"must be \"latest\" or a checkpoint folder; "
+                                                    f"{config.resume_from_checkpoint} is not a folder.")
     return load_checkpoint(config.resume_from_checkpoint)
 
 
-def warn_config_changes(saved: dict[str, Any], config: TrainingConfig, log) -> None:
-    changed = {k: (saved.get(k), v) for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
-    if changed:
-        log(f"warning: resuming with settings that differ from the checkpoint's (saved, now): {changed}")
+def resume_or_seed(state: TrainingState, config: TrainingConfig, accelerator: Any, log: Log) -> None:
+    """Continue from the checkpoint `resume_from_checkpoint` names, or seed each process's noise differently."""
+    from accelerate.utils import set_seed
+
+    checkpoint = checkpoint_to_resume(config, log)
+    if checkpoint is None:
+        set_seed(config.seed, device_specific=True)
+    else:
+        state.restore(checkpoint, accelerator, config, log)
+
+
+def optimizer_step(state: TrainingState, model: torch.nn.Module, forward: torch.nn.Module, batches: Iterator[torch.Tensor],
+                   diffusion: GaussianDiffusion, config: TrainingConfig, accelerator: Any) -> tuple[float, torch.Tensor]:
+    """One Adam step on `gradient_accumulation_steps` micro-batches (Algorithm 1), then the EMA update. Every
+    micro-batch's loss enters the step's loss (their mean), which the loss window logs and checks for NaN.
+    Returns the learning rate and the gradient norm before clipping."""
+    lr = learning_rate_at(state.step, config)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    accumulation = config.gradient_accumulation_steps
+    step_loss = torch.zeros((), device=accelerator.device)
+    for micro in range(accumulation):
+        x_start = to_model_range(next_batch(batches).to(accelerator.device, non_blocking=True))
+        if config.channels_last:
+            x_start = x_start.contiguous(memory_format=torch.channels_last)
+        with accelerator.no_sync(model) if micro < accumulation - 1 else nullcontext():
+            loss = training_loss(forward, diffusion, x_start, config.random_flip)
+            accelerator.backward(loss / accumulation)
+        step_loss += loss.detach() / accumulation
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.ema.update(state.unet.parameters())
+    state.step += 1
+    state.losses.add(step_loss, state.step)
+    return lr, grad_norm
+
+
+def log_checkpoint_sample(state: TrainingState, lr: float, grad_norm: torch.Tensor, config: TrainingConfig,
+                          accelerator: Any, progress: Any, micro_batch: int) -> None:
+    """After a step: log the loss window, write a checkpoint, save a sample grid, each when it is due."""
+    step, output = state.step, Path(config.output_dir)
+    if step % config.log_every == 0 or step == config.max_steps:
+        state.losses.check_finite(accelerator, output / "checkpoints")
+        loss = state.losses.mean(accelerator)
+        progress.set_postfix(loss=f"{loss:.4f}", refresh=False)  # tqdm itself shows steps/s
+        accelerator.log({"loss": loss, "lr": lr, "grad_norm": float(grad_norm)}, step=step)
+
+    if (config.checkpointing_steps and step % config.checkpointing_steps == 0) or step == config.max_steps:
+        state.losses.check_finite(accelerator, output / "checkpoints")
+        state.save(accelerator, config, micro_batch)
+
+    if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
+        grid = sample_grid(ema_copy(state.unet, state.ema), config, step)
+        (output / "samples").mkdir(exist_ok=True)
+        grid.save(output / "samples" / f"step-{step:08d}.png")
+        if config.log_with == "tensorboard":
+            accelerator.get_tracker("tensorboard").log_images(
+                {"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC"
+            )
 
 
 # --- The run. ---
@@ -235,16 +480,17 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
 
     Returns:
         [`TrainingResult`]: the final step and mean loss of the last logging window, the raw and EMA networks,
-        and the pipeline folder.
+        and the pipeline folder. Resuming a checkpoint at `max_steps` changes nothing (`already_finished`).
 
     Raises:
-        `NonFiniteLossError` when the loss becomes NaN/inf (the newest checkpoint stays the last good one);
-        `ValueError`/`FileNotFoundError` for bad settings or data, before training starts;
-        `CorruptCheckpointError` when `resume_from_checkpoint` names a damaged checkpoint (with `"latest"`, damaged
-        checkpoints are skipped with a warning).
+        `ConfigError` (a `ValueError` naming the setting) for bad settings, a folder that holds another run, or
+        a checkpoint of another preset; `DataError` naming the file for bad data, before training starts and
+        during it; `NonFiniteLossError` when the loss becomes NaN/inf and `CheckpointWriteError` when a
+        checkpoint cannot be written (a full disk): in both cases the newest checkpoint stays the last good one;
+        `CorruptCheckpointError` when `resume_from_checkpoint` names a damaged checkpoint (with `"latest"`,
+        damaged checkpoints are skipped with a warning).
     """
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
     from .scheduler import paper_scheduler
@@ -255,149 +501,72 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
         mixed_precision=config.mixed_precision, project_dir=str(output),
         log_with=None if config.log_with == "none" else config.log_with,
     )
+    log = accelerator.print
     config = config.for_device(accelerator.device.type)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     micro_batch = config.batch_size // config.gradient_accumulation_steps  # images per micro-step, all processes
     if config.batch_size % (config.gradient_accumulation_steps * world_size):
-        raise ValueError(f"`batch_size` {config.batch_size} must divide into {config.gradient_accumulation_steps} "
-                         f"accumulation steps x {world_size} processes.")
+        raise ConfigError("batch_size", f"{config.batch_size} must divide into {config.gradient_accumulation_steps} "
+                                        f"accumulation steps x {world_size} processes.")
+    replaced = claim_output_dir(config)
     preset = get_preset(config.preset)
 
     # 1. Data, checked before anything else is built.
     dataset = dataset if dataset is not None else load_image_dataset(config.dataset, preset.image_size, preset.channels)
     if len(dataset) < micro_batch:
-        raise ValueError(f"the data set has {len(dataset)} images, fewer than one micro-batch of {micro_batch}.")
+        raise DataError(f"the data set has {len(dataset)} images, fewer than one micro-batch of {micro_batch}.")
 
     # 2. The network (same initial weights on every process), Adam, the EMA and the float64 coefficients.
     torch.manual_seed(config.seed)
     unet = PaperUNet2DModel.from_preset(config.preset, dropout=config.dropout).to(accelerator.device)
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(unet, config)
-    model, optimizer = accelerator.prepare(unet, optimizer)
+    model, optimizer = accelerator.prepare(unet, build_optimizer(unet, config))
     unet = accelerator.unwrap_model(model)
     # Compiled for the training forward only; sampling, EMA copies and checkpoints use the plain module.
     forward = torch.compile(model, dynamic=False) if config.compile else model
-    ema = ExponentialMovingAverage(unet.parameters(), config.ema_decay)
+    state = TrainingState(unet, ExponentialMovingAverage(unet.parameters(), config.ema_decay), optimizer,
+                          LossWindow(accelerator.device))
     diffusion = GaussianDiffusion.from_config(paper_scheduler(config.preset).config)
-    names = parameter_names(unet)
 
     # 3. Resume, or seed each process's noise differently.
-    step = 0
-    checkpoint = resume_checkpoint(config)
-    if checkpoint is not None:
-        warn_config_changes(checkpoint.trainer_state["config"], config, accelerator.print)
-        unet.load_state_dict(checkpoint.model)
-        ema.load_state_dict(checkpoint.ema, names)
-        optimizer.load_state_dict(checkpoint.optimizer)
-        match_parameter_layout(optimizer)
-        step = checkpoint.step
-        if len(checkpoint.rng_states) == world_size:
-            restore_rng_state(checkpoint.rng_states[rank])
-        else:
-            accelerator.print(f"warning: the checkpoint has RNG states for {len(checkpoint.rng_states)} processes, "
-                              f"this run has {world_size}; reseeding (the run is no longer bitwise reproducible).")
-            set_seed(config.seed + step, device_specific=True)
-        accelerator.print(f"resumed from {checkpoint.path} at step {step}")
-        del checkpoint
-    else:
-        set_seed(config.seed, device_specific=True)
+    resume_or_seed(state, config, accelerator, log)
+    if state.step >= config.max_steps:
+        log(f"the run in {output} is finished: its checkpoint is at step {state.step} of max_steps {config.max_steps}; "
+            "nothing was changed (raise max_steps to train further).")
+        return TrainingResult(step=state.step, loss=state.losses.last_mean, unet=unet, ema_unet=ema_copy(unet, state.ema),
+                              pipeline_dir=output / "pipeline", already_finished=True)
 
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "training_config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
-    accelerator.print(f"training config: {json.dumps(asdict(config))}")
-    accelerator.print(f"{world_size} process(es) on {accelerator.device}, {len(dataset)} images, "
-                      f"{sum(p.numel() for p in unet.parameters()):,} parameters")
+    start_run_files(config, replaced, accelerator, log)
+    log(f"training config: {json.dumps(asdict(config))}")
+    log(f"{world_size} process(es) on {accelerator.device}, {len(dataset)} images, "
+        f"{sum(p.numel() for p in unet.parameters()):,} parameters")
     if config.log_with != "none":
         accelerator.init_trackers("tensorboard")
 
     # 4. The loop (Algorithm 1).
-    batches = image_batches(dataset, step * config.gradient_accumulation_steps, config, micro_batch, rank, world_size)
-    first_bad_step = torch.tensor(-1, device=accelerator.device)  # first step with a non-finite loss
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
-    loss_value = float("nan")
-    with tqdm(total=config.max_steps, initial=step, desc="train", unit="step",
+    batches = image_batches(dataset, state.step * config.gradient_accumulation_steps, config, micro_batch, rank, world_size)
+    with tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step",
               disable=not accelerator.is_main_process) as progress:  # closed on errors too
+        if not math.isnan(state.losses.last_mean):
+            progress.set_postfix(loss=f"{state.losses.last_mean:.4f}", refresh=False)
         model.train()
-        while step < config.max_steps:
-            lr = learning_rate_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(config.gradient_accumulation_steps):
-                x_start = to_model_range(next(batches).to(accelerator.device, non_blocking=True))
-                if config.channels_last:
-                    x_start = x_start.contiguous(memory_format=torch.channels_last)
-                last_micro = micro == config.gradient_accumulation_steps - 1
-                with accelerator.no_sync(model) if not last_micro else nullcontext():
-                    loss = training_loss(forward, diffusion, x_start, config.random_flip)
-                    accelerator.backward(loss / config.gradient_accumulation_steps)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(unet.parameters())
-            first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step >= 0), first_bad_step, step + 1)
-            loss_sum += loss.detach()
-            loss_count += 1
-            step += 1
+        while state.step < config.max_steps:
+            lr, grad_norm = optimizer_step(state, model, forward, batches, diffusion, config, accelerator)
             progress.update(1)
-
-            if step % config.log_every == 0 or step == config.max_steps:
-                check_finite(first_bad_step, accelerator, config)
-                loss_value = float(accelerator.reduce(loss_sum, reduction="mean")) / loss_count
-                loss_sum.zero_()
-                loss_count = 0
-                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)  # tqdm itself shows steps/s
-                accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm)}, step=step)
-
-            if (config.checkpointing_steps and step % config.checkpointing_steps == 0) or step == config.max_steps:
-                check_finite(first_bad_step, accelerator, config)
-                rng_states = gather_object([capture_rng_state()])  # every process's, written by the main one
-                if accelerator.is_main_process:
-                    save_checkpoint(
-                        output / "checkpoints", step=step, model=unet.state_dict(), ema=ema.state_dict(names),
-                        optimizer=optimizer.state_dict(), rng_states=rng_states, total_limit=config.checkpoints_total_limit,
-                        trainer_state={"config": asdict(config), "world_size": world_size, "lr": lr,
-                                       "data_position": {"micro_step": step * config.gradient_accumulation_steps,
-                                                         "permutation_seed": config.seed, "global_micro_batch": micro_batch}},
-                    )
-                accelerator.wait_for_everyone()
-
-            if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
-                grid = sample_grid(ema_copy(unet, ema), config, step)
-                (output / "samples").mkdir(exist_ok=True)
-                grid.save(output / "samples" / f"step-{step:08d}.png")
-                if config.log_with == "tensorboard":
-                    accelerator.get_tracker("tensorboard").log_images(
-                        {"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC"
-                    )
+            log_checkpoint_sample(state, lr, grad_norm, config, accelerator, progress, micro_batch)
 
     # 5. The pipeline, with the EMA weights.
     accelerator.wait_for_everyone()
-    pipeline_dir = output / "pipeline"
     if accelerator.is_main_process:
-        pipeline_dir = save_final_pipeline(unet, ema, config)
+        save_final_pipeline(unet, state.ema, config, log)
     accelerator.end_training()
-    return TrainingResult(step=step, loss=loss_value, unet=unet, ema_unet=ema_copy(unet, ema), pipeline_dir=pipeline_dir)
+    return TrainingResult(step=state.step, loss=state.losses.last_mean, unet=unet, ema_unet=ema_copy(unet, state.ema),
+                          pipeline_dir=output / "pipeline")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainingConfig:
-    """A `TrainingConfig` from parsed `ddpm train` flags (those the user left out stay at their defaults)."""
-    return TrainingConfig(**{f.name: getattr(args, f.name) for f in fields(TrainingConfig) if hasattr(args, f.name)})
+if __name__ == "__main__":  # `python -m ddpm_plugin.training ARGS` is `ddpm train ARGS`, kept for older launch lines
+    import runpy
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`accelerate launch -m ddpm_plugin.training ...` (the same flags as `ddpm train`)."""
-    from .cli.train import add_training_arguments, run
-
-    parser = argparse.ArgumentParser(prog="python -m ddpm_plugin.training", description=__doc__.split("\n")[0])
-    add_training_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"ddpm_plugin.training: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.argv[1:1] = ["train"]
+    runpy.run_module("ddpm_plugin.cli", run_name="__main__", alter_sys=True)

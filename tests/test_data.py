@@ -134,3 +134,43 @@ def test_hf_dataset_with_a_grayscale_row_in_rgb_data_names_the_row(tmp_path):
     table.save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match=r"saved row 1: image has 1 channel"):
         load_image_dataset(str(tmp_path / "saved"), image_size=8, channels=3)
+
+
+def write_png_with_corrupt_pixel_data(path: Path) -> None:
+    """A PNG whose every chunk checksum is valid but whose compressed pixel stream (IDAT) is not zlib data."""
+    import zlib
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT")
+    length = int.from_bytes(data[start - 4:start], "big")
+    payload = data[start + 4:start + 4 + length][:2] + b"\xff" * (length - 2)  # keep the zlib header, break the stream
+    data[start + 4:start + 4 + length] = payload
+    data[start + 4 + length:start + 8 + length] = zlib.crc32(b"IDAT" + payload).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+
+
+def test_png_with_valid_checksums_but_corrupt_pixels_fails_up_front_naming_it(tmp_path):
+    write_images(tmp_path / "f", 3)
+    write_png_with_corrupt_pixel_data(tmp_path / "f" / "zlib.png")
+    with Image.open(tmp_path / "f" / "zlib.png") as image:
+        image.verify()  # a header and checksum check passes it
+    with pytest.raises(ValueError, match=r"zlib\.png: unreadable image \(.*\)\.$"):
+        load_image_dataset(str(tmp_path / "f"), image_size=8, channels=1)
+
+
+def test_files_that_are_not_images_are_reported(tmp_path):
+    write_images(tmp_path / "f", 2)
+    for name in ("notes.txt", "labels.csv", ".DS_Store"):
+        (tmp_path / "f" / name).write_text("x")
+    with pytest.warns(UserWarning) as caught:
+        dataset = load_image_dataset(str(tmp_path / "f"), image_size=8, channels=1)
+    assert len(dataset) == 2
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'f'}: skipped 3 file(s) that are not images: .DS_Store, labels.csv, notes.txt."]
+
+
+def test_a_folder_of_images_only_warns_about_nothing(tmp_path, recwarn):
+    write_images(tmp_path / "f", 2)
+    load_image_dataset(str(tmp_path / "f"), image_size=8, channels=1)
+    assert not recwarn.list

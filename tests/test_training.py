@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import fields
 
@@ -170,17 +171,36 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in [*last.model.values(), *last.ema.values()])
 
 
-def test_every_config_field_is_a_ddpm_train_flag_with_help():
+def test_every_config_field_is_a_ddpm_train_flag_whose_help_shows_its_default(capsys):
     from ddpm_plugin.cli import build_parser
 
-    parser = build_parser()
-    train_parser = parser._subparsers._group_actions[0].choices["train"]
-    actions = {a.dest: a for a in train_parser._actions}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for field in fields(TrainingConfig):
-        assert field.name in actions, field.name
-        assert actions[field.name].help, field.name
-    args = parser.parse_args(["train", "--preset", "digits", "--no-random-flip", "--learning-rate", "3e-4"])
+        flag = "--" + field.name.replace("_", "-")
+        help_text = " ".join(field.metadata["help"].split())  # the help is the field's metadata
+        assert f"{flag} " in text and help_text in text, field.name
+        after = text[text.index(help_text) + len(help_text):]
+        assert "default" in help_text or after.startswith(" (default: "), field.name
+    assert "--ema-decay EMA_DECAY EMA weight of the old average per step, from step 0 (paper: 0.9999) (default: the preset)" in text
+    assert "--log-every LOG_EVERY optimizer steps between logged scalars (loss, lr, grad norm) (default: 50)" in text
+    args = build_parser().parse_args(["train", "--preset", "digits", "--no-random-flip", "--learning-rate", "3e-4"])
     assert (args.random_flip, args.learning_rate, args.ema_decay) == (False, 3e-4, None)
+
+
+def test_training_and_its_config_import_nothing_from_the_command_line():
+    import ast
+    from pathlib import Path
+
+    import ddpm_plugin.training
+    import ddpm_plugin.training_config
+
+    for module in (ddpm_plugin.training, ddpm_plugin.training_config):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        assert not [name for name in imported if "cli" in name.split(".")], module.__name__
 
 
 def test_ddpm_train_on_bad_data_fails_naming_the_file(tmp_path, capsys):
@@ -246,3 +266,235 @@ def test_compiled_training_matches_eager_training_and_saves_plain_weights(tmp_pa
     from diffusers import UNet2DModel
 
     UNet2DModel.from_pretrained(compiled.pipeline_dir / "unet")  # the saved pipeline loads as a stock UNet
+
+
+# --- Run folders: nothing lost (issue 12, items 1-3). ---
+
+
+def folder_snapshot(folder) -> dict[str, tuple[int, bytes]]:
+    """Every file under `folder` with its modification time and bytes."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def ddpm_train(capsys, *args: str) -> tuple[int, str, str]:
+    from ddpm_plugin.cli import main
+
+    code = main(["train", "--preset", "digits", "--batch-size", "8", "--log-every", "1", "--log-with", "none", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def finished_cli_run(tmp_path_factory):
+    """A 2-step digits run made by `ddpm train`, checkpointed at steps 1 and 2. Tests copy it before changing it."""
+    from ddpm_plugin.cli import main
+
+    output = tmp_path_factory.mktemp("cli-run") / "run"
+    assert main(["train", "--preset", "digits", "--batch-size", "8", "--log-with", "none", "--max-steps", "2",
+                 "--checkpointing-steps", "1", "--output-dir", str(output)]) == 0
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return output
+
+
+def test_a_second_train_into_a_run_folder_is_refused_and_touches_nothing(finished_cli_run, tmp_path, capsys):
+    run = shutil.copytree(finished_cli_run, tmp_path / "run")
+    before = folder_snapshot(run)
+    code, out, err = ddpm_train(capsys, "--max-steps", "3", "--output-dir", str(run))
+    assert code == 2
+    assert err == (f"ddpm train: error: --output-dir already holds a run ({run}: training_config.json, checkpoints, "
+                   "pipeline); pass --resume-from-checkpoint latest to continue it, --overwrite to start it over, or "
+                   "another --output-dir.\n")
+    assert folder_snapshot(run) == before
+
+
+def test_overwrite_starts_the_run_over_without_mixing_old_files(finished_cli_run, tmp_path, capsys):
+    run = shutil.copytree(finished_cli_run, tmp_path / "run")
+    (run / "pipeline" / "onnx").mkdir()
+    code, out, err = ddpm_train(capsys, "--max-steps", "1", "--checkpointing-steps", "1", "--output-dir", str(run),
+                                "--overwrite")
+    assert code == 0, err
+    assert f"overwrite: removed training_config.json, checkpoints, pipeline from {run}" in out
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["checkpoint-00000001"]
+    assert not (run / "pipeline" / "onnx").exists()
+    assert json.loads((run / "training_config.json").read_text())["max_steps"] == 1
+
+
+def test_resume_latest_without_a_checkpoint_says_it_starts_at_step_zero(tmp_path, capsys):
+    code, out, err = ddpm_train(capsys, "--max-steps", "1", "--output-dir", str(tmp_path / "new"),
+                                "--resume-from-checkpoint", "latest")
+    assert code == 0, err
+    assert f"no checkpoint in {tmp_path / 'new' / 'checkpoints'} to resume from: starting at step 0" in out
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_cli_run, tmp_path, capsys):
+    run = shutil.copytree(finished_cli_run, tmp_path / "run")
+    before = folder_snapshot(run)
+    code, out, err = ddpm_train(capsys, "--max-steps", "2", "--output-dir", str(run), "--resume-from-checkpoint", "latest")
+    assert code == 0, err
+    assert (f"the run in {run} is finished: its checkpoint is at step 2 of max_steps 2; nothing was changed "
+            "(raise max_steps to train further).") in out
+    assert "trained" not in out and "nan" not in out
+    assert folder_snapshot(run) == before
+
+
+def test_resuming_with_another_preset_names_both_presets(finished_cli_run, tmp_path, capsys):
+    from ddpm_plugin.cli import main
+
+    run = shutil.copytree(finished_cli_run, tmp_path / "run")
+    before = folder_snapshot(run)
+    code = main(["train", "--preset", "mnist", "--batch-size", "8", "--output-dir", str(run), "--resume-from-checkpoint",
+                 "latest", "--log-with", "none"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (f"ddpm train: error: --preset is 'mnist' (28x28x1, 2,734,945 parameters), but "
+                   f"{run / 'checkpoints' / 'checkpoint-00000002'} was trained with preset 'digits' (8x8x1, 701,345 "
+                   "parameters); resume with --preset digits or train into another --output-dir.\n")
+    assert folder_snapshot(run) == before
+
+
+def test_logged_loss_after_a_resume_equals_the_uninterrupted_runs(tmp_path):
+    # Checkpoints every 3 steps, logs every 5: the checkpoint at step 3 falls inside the logging window 1..5.
+    config = {**QUICK, "checkpointing_steps": 3, "log_every": 5}
+    straight = train(TrainingConfig(**config, output_dir=str(tmp_path / "a"), max_steps=5))
+    train(TrainingConfig(**config, output_dir=str(tmp_path / "b"), max_steps=4))
+    resumed = train(TrainingConfig(**config, output_dir=str(tmp_path / "b"), max_steps=5,
+                                   resume_from_checkpoint=str(tmp_path / "b" / "checkpoints" / "checkpoint-00000003")))
+    assert resumed.loss == straight.loss  # the mean of steps 1..5, not of 4..5
+
+
+def test_ddpm_train_errors_name_the_flag(tmp_path, capsys):
+    for flags, message in [
+        (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1), got 1.5."),
+        (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1."),
+        (["--learning-rate", "0"], "--learning-rate must be > 0, got 0.0."),
+        (["--batch-size", "6", "--gradient-accumulation-steps", "4"],
+         "--batch-size must be a multiple of --gradient-accumulation-steps (4), got 6."),
+        (["--preset", "cifar100"], "--preset must be one of ['celebahq', 'cifar10', 'digits', 'lsun', 'mnist'], got 'cifar100'."),
+        (["--resume-from-checkpoint", str(tmp_path / "nowhere")],
+         f"--resume-from-checkpoint must be \"latest\" or a checkpoint folder; {tmp_path / 'nowhere'} is not a folder."),
+        (["--overwrite", "--resume-from-checkpoint", "latest"],
+         "--overwrite cannot be combined with --resume-from-checkpoint: resume a run or start it over."),
+    ]:
+        code, out, err = ddpm_train(capsys, "--output-dir", str(tmp_path / "o"), *flags)
+        assert (code, err) == (2, f"ddpm train: error: {message}\n"), flags
+    assert not (tmp_path / "o").exists()
+
+
+def test_warnings_reach_the_user_as_one_line(finished_cli_run, tmp_path, capsys):
+    run = shutil.copytree(finished_cli_run, tmp_path / "run")
+    latest = run / "checkpoints" / "checkpoint-00000002" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])
+    code, out, err = ddpm_train(capsys, "--max-steps", "2", "--output-dir", str(run), "--resume-from-checkpoint", "latest")
+    assert code == 0, err
+    assert err.splitlines()[0] == (f"warning: skipping a damaged checkpoint: {latest.parent}: model.safetensors does not "
+                                   "match its checksum (truncated or altered). Falling back to the previous one.")
+    assert "UserWarning" not in err and ".py:" not in err
+    assert "resumed from" in out and "checkpoint-00000001" in out
+
+
+def test_training_removes_an_onnx_export_made_from_earlier_weights(finished_cli_run, tmp_path, capsys):
+    run = shutil.copytree(finished_cli_run, tmp_path / "run")
+    export = run / "pipeline" / "onnx"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"an export of the step-2 weights")
+    code, out, err = ddpm_train(capsys, "--max-steps", "3", "--output-dir", str(run), "--resume-from-checkpoint", "latest")
+    assert code == 0, err
+    assert f"removed {export}: it was exported from earlier weights (export again with `ddpm export`)" in out
+    assert not export.exists() and (run / "pipeline" / "model_index.json").is_file()
+
+
+# --- Gradient accumulation uses every micro-batch (item 4). ---
+
+
+class ImagesWithNaN:
+    """Digits, with NaN pixels in the images at `nan_indices` (float images: uint8 cannot hold NaN)."""
+
+    def __init__(self, nan_indices: torch.Tensor):
+        from ddpm_plugin.data import load_image_dataset
+
+        self.images = load_image_dataset("digits", 8, 1).images.float()
+        self.images[nan_indices] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def test_gradient_accumulation_checks_every_micro_batch_for_nan(tmp_path):
+    # Step 1 is two micro-batches of 4; NaN in the first one only must stop the run at step 1.
+    first_micro_batch = batch_indices(0, seed=0, num_images=1797, global_batch=4, rank=0, world_size=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 1;"):
+        train(TrainingConfig(**QUICK, output_dir=str(tmp_path), max_steps=3, gradient_accumulation_steps=2),
+              dataset=ImagesWithNaN(first_micro_batch))
+
+
+def test_gradient_accumulation_logs_the_mean_over_every_micro_batch(tmp_path):
+    from accelerate.utils import set_seed
+
+    from ddpm_plugin.data import load_image_dataset, to_model_range
+    from ddpm_plugin.presets import PaperUNet2DModel
+    from ddpm_plugin.training import training_loss
+
+    result = train(TrainingConfig(**QUICK, output_dir=str(tmp_path), max_steps=1, gradient_accumulation_steps=2))
+    # The two micro-batch losses of step 1, recomputed from the run's seeds: same weights, same noise draws.
+    torch.manual_seed(0)
+    unet = PaperUNet2DModel.from_preset("digits", dropout=0.0)
+    set_seed(0)
+    diffusion = GaussianDiffusion.from_config(paper_scheduler("digits").config)
+    images = load_image_dataset("digits", 8, 1).images
+    with torch.no_grad():
+        losses = [float(training_loss(unet, diffusion, to_model_range(images[batch_indices(
+            micro, seed=0, num_images=1797, global_batch=4, rank=0, world_size=1)]), False)) for micro in (0, 1)]
+    assert abs(losses[0] - losses[1]) > 1e-3  # the test can tell them apart
+    assert result.loss == pytest.approx(sum(losses) / 2, rel=1e-6)
+
+
+# --- Data errors during training, and a full disk (items 5, 6). ---
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_image_that_breaks_during_training_is_named(tmp_path, num_workers):
+    from PIL import Image
+
+    from ddpm_plugin.data import DataError, load_image_dataset
+
+    (tmp_path / "images").mkdir()
+    for i in range(8):
+        Image.new("L", (8, 8), color=16 * i).save(tmp_path / "images" / f"{i}.png")
+    dataset = load_image_dataset(str(tmp_path / "images"), 8, 1)
+    (tmp_path / "images" / "5.png").write_bytes(b"\x89PNG\r\n\x1a\n replaced while training")  # after the up-front check
+    with pytest.raises(DataError) as error:
+        train(TrainingConfig(**QUICK, output_dir=str(tmp_path / "out"), max_steps=2, num_workers=num_workers), dataset=dataset)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'images' / '5.png'}: unreadable image (") and "\n" not in message
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs: room for one digits checkpoint (11 MB), not two. Needs root (mount)."""
+    import subprocess
+
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk):
+    from ddpm_plugin.checkpoints import CheckpointWriteError
+
+    checkpoints = small_disk / "run" / "checkpoints"
+    with pytest.raises(CheckpointWriteError) as error:
+        train(TrainingConfig(**QUICK, output_dir=str(small_disk / "run"), max_steps=4))
+    assert str(error.value) == (f"could not write checkpoint-00000004 in {checkpoints}: No space left on device. The "
+                                "partial checkpoint was removed and the previous checkpoint checkpoint-00000002 is intact.")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-00000002"]
+    assert load_checkpoint(checkpoints / "checkpoint-00000002").step == 2

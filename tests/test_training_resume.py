@@ -19,8 +19,8 @@ ARGS = ["--preset", "digits", "--batch-size", "8", "--max-steps", str(MAX_STEPS)
         "--log-every", "1", "--log-with", "none"]
 
 
-def train_command(output: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ddpm_plugin.training", *ARGS, "--output-dir", str(output), *extra]
+def train_command(output: Path, *extra: str, module: str = "ddpm_plugin.cli train") -> list[str]:
+    return [sys.executable, "-m", *module.split(), *ARGS, "--output-dir", str(output), *extra]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -34,7 +34,9 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    uninterrupted = subprocess.Popen(train_command(straight), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The older entry point `python -m ddpm_plugin.training` runs the same command.
+    uninterrupted = subprocess.Popen(train_command(straight, module="ddpm_plugin.training"), env=ENV,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     victim = subprocess.Popen(train_command(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(killed / "checkpoints" / "checkpoint-00000003", victim)
