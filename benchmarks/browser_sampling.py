@@ -42,6 +42,7 @@ THREADS = (1, 2)
 QUALITY_SAMPLES = 64  # images per variant for the quality columns
 QUALITY_STEPS = 50  # DDIM steps of the quality samples
 FIRST_IMAGE_RUNS = 3
+TIMEOUT_MS = 600_000  # page loads and waits: a loaded shared machine can take minutes
 
 
 # --- The model variants. ---
@@ -156,6 +157,7 @@ def browser_step_ms(page: Any, shape: tuple[int, ...], steps: int) -> tuple[list
 
 def open_page(browser: Any, url: str) -> Any:
     page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     page.evaluate("window.ddpm.ready")
     return page
@@ -190,10 +192,11 @@ def first_image(browser: Any, url: str, threads: int) -> tuple[float, float, lis
     URLs it requested. The page's default request: DDIM, 50 steps, 4 images."""
     context = browser.new_context()
     page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
-    page.goto(f"{url}?threads={threads}")
-    page.wait_for_function("window.ddpm.timings.firstImage !== null", timeout=120_000)
+    page.goto(f"{url}?threads={threads}", wait_until="commit")
+    page.wait_for_function("window.ddpm.timings.firstImage !== null")
     timings = page.evaluate("window.ddpm.timings")
     context.close()
     return timings["ready"], timings["firstImage"], requested
