@@ -1,7 +1,9 @@
 """Measure a trained pipeline as the paper does and write a JSON report with PNG figures (`ddpm evaluate`).
 
 Metrics: `bpd` (the variational bound in bits/dim on test images, Table 2), `rd` (its rate-distortion split and
-curve, Fig. 5 / Table 4: the same pass as `bpd`), `fid` and `is` (Table 1, on `num_samples` generated images).
+curve, Fig. 5 / Table 4: the same pass as `bpd`), `fid` and `is` (Table 1, on `num_samples` generated images, drawn
+here or read from the shards of `ddpm sample --output-dir`: the same images for the same seed, steps and batch size).
+FID's reference statistics (mu, sigma) can be saved once (`fid_stats`) and reused.
 Figures: rate-distortion (with `bpd`/`rd`), progressive generation (Fig. 6), reconstruction from a shared x_t
 (Fig. 7) and interpolation at several t (Fig. 9).
 
@@ -19,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .figures import (
     interpolation_strip,
@@ -27,9 +30,10 @@ from .figures import (
     reconstruction_grid,
     save_figure,
 )
-from .images import to_uint8
-from .metrics import DEFAULT_NUM_SAMPLES, ImageMetrics
+from .metrics import DEFAULT_NUM_SAMPLES, FidStatistics, ImageMetrics
 from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline, RateDistortionOutput
+from .sample_shards import iter_sample_batches, read_manifest
+from .sampling import ImageSampler, TorchImageSampler, with_scheduler
 
 EVALUATION_METRICS = ("bpd", "rd", "fid", "is")
 # Steps t of the interpolation rows (Fig. 9 uses 0..1000 in steps of 250).
@@ -42,11 +46,13 @@ FIGURE_IMAGES = 4  # images per progression/reconstruction figure
 class EvaluationConfig:
     """What `evaluate` measures, on which data, and where it writes."""
 
-    model: str  # pipeline folder
+    model: str | None = None  # pipeline folder (None: the model of `samples`)
     dataset: str | None = None  # test images: an .npz, a folder, digits, mnist, a datasets name (see ddpm_plugin.data)
     metrics: tuple[str, ...] = ("bpd", "rd")  # any of bpd, rd, fid, is
     num_images: int | None = None  # test images for bits/dim, drawn at random with `seed` (None: all)
-    num_samples: int = DEFAULT_NUM_SAMPLES  # generated images for FID/IS (paper: 50,000); also the reference count
+    num_samples: int | None = None  # images for FID/IS (None: 50,000 as the paper, or all of `samples`); also the reference count
+    samples: str | None = None  # a `ddpm sample --output-dir` folder: FID/IS score its images instead of sampling
+    fid_stats: str | None = None  # FID reference statistics (.npz of mu, sigma): read if it exists, else computed and saved
     batch_size: int = 64  # UNet inputs per pass
     num_inference_steps: int = 1000  # sampling steps of the FID/IS samples
     scheduler: str = "ddpm"  # sampler of the FID/IS samples: ddpm or ddim
@@ -61,22 +67,34 @@ class EvaluationConfig:
         unknown = set(self.metrics) - set(EVALUATION_METRICS)
         if unknown:
             raise ValueError(f"`metrics` must be some of {list(EVALUATION_METRICS)}, got {sorted(unknown)}.")
-        if self.dataset is None and {"bpd", "rd", "fid"} & set(self.metrics):
-            raise ValueError("`dataset` is needed for bpd, rd and fid (test images or FID's reference images).")
-        for name in ("num_samples", "batch_size", "num_inference_steps", "figure_steps"):
+        if self.dataset is None and {"bpd", "rd"} & set(self.metrics):
+            raise ValueError("`dataset` is needed for bpd and rd (the test images).")
+        if self.dataset is None and "fid" in self.metrics and not (self.fid_stats and Path(self.fid_stats).is_file()):
+            raise ValueError("`dataset` (FID's reference images) or an existing `fid_stats` file is needed for fid.")
+        if self.fid_stats is not None and Path(self.fid_stats).suffix != ".npz":
+            raise ValueError(f"`fid_stats` must name an .npz file, got {self.fid_stats!r}.")
+        if self.samples is not None and not {"fid", "is"} & set(self.metrics):
+            raise ValueError("`samples` are scored by fid and is; add one of them to `metrics`.")
+        if self.model is None and self.samples is None:
+            raise ValueError("`model` is needed (or `samples`, whose manifest names its model).")
+        if Path(self.output).is_dir():
+            raise ValueError(f"`output` {self.output} is a folder; give the JSON file to write, such as {Path(self.output) / 'report.json'}.")
+        for name in ("batch_size", "num_inference_steps", "figure_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        if self.num_images is not None and self.num_images < 1:
-            raise ValueError(f"`num_images` must be a positive integer or None, got {self.num_images!r}.")
+        for name in ("num_images", "num_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
 
 
-def dataset_images(dataset: str, pipe: DDPMPaperPipeline, num_images: int | None, seed: int) -> tuple[np.ndarray, int]:
+def dataset_images(dataset: str, image_shape: tuple[int, int, int], num_images: int | None, seed: int) -> tuple[np.ndarray, int]:
     """`num_images` uint8 NHWC images of `dataset` drawn without replacement with `seed` (all, in order, when None),
-    zero-padded to the model's size as in training, and the size of the whole data set."""
+    zero-padded to the model's (channels, height, width) as in training, and the size of the whole data set."""
     from .data import load_image_dataset
 
-    _, channels, height, _ = pipe.image_shape(1)
+    channels, height, _ = image_shape
     images = load_image_dataset(dataset, height, channels)
     if num_images is None or num_images >= len(images):
         indices = torch.arange(len(images))
@@ -85,15 +103,14 @@ def dataset_images(dataset: str, pipe: DDPMPaperPipeline, num_images: int | None
     return torch.stack([images[int(i)] for i in indices]).permute(0, 2, 3, 1).numpy(), len(images)
 
 
-def generate_samples(
-    pipe: DDPMPaperPipeline, num_samples: int, batch_size: int, num_inference_steps: int, seed: int
-) -> Iterator[np.ndarray]:
-    """Batches of uint8 NHWC samples, `num_samples` in all."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        images = pipe(batch_size=count, num_inference_steps=num_inference_steps, generator=generator, output_type="np").images
-        yield to_uint8(images)
+def generate_samples(sampler: ImageSampler, num_samples: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of uint8 NHWC samples 0..num_samples-1 of `sampler` (the images `ddpm sample` draws with the same
+    seed, sampler, steps and batch size)."""
+    with tqdm(total=num_samples, unit="img", desc="sampling") as progress:
+        for start in range(0, num_samples, batch_size):
+            images = sampler(start, min(batch_size, num_samples - start))
+            progress.update(len(images))
+            yield images
 
 
 def bound_report(pipe: DDPMPaperPipeline, images: np.ndarray, config: EvaluationConfig) -> tuple[dict[str, Any], RateDistortionOutput]:
@@ -122,25 +139,42 @@ def bound_report(pipe: DDPMPaperPipeline, images: np.ndarray, config: Evaluation
     return report, curve
 
 
-def sample_quality_report(pipe: DDPMPaperPipeline, config: EvaluationConfig, metrics: ImageMetrics) -> dict[str, Any]:
-    """FID against the data set and the Inception Score of `num_samples` generated images."""
-    from diffusers import DDIMScheduler
+def reference_statistics(config: EvaluationConfig, metrics: ImageMetrics, image_shape: tuple[int, int, int], num_samples: int) -> int:
+    """FID's real side: loaded from `fid_stats` when it exists, else computed from up to `num_samples` images of
+    the data set (and saved to `fid_stats` when given). Returns the number of reference images."""
+    if config.fid_stats and Path(config.fid_stats).is_file():
+        statistics = FidStatistics.load(config.fid_stats)
+        metrics.load_real_statistics(statistics)
+        return statistics.num_images
+    reference, _ = dataset_images(config.dataset, image_shape, num_samples, config.seed)
+    for start in tqdm(range(0, len(reference), config.batch_size), desc="reference images", unit="batch"):
+        metrics.update_real(reference[start : start + config.batch_size])
+    if config.fid_stats:
+        Path(config.fid_stats).parent.mkdir(parents=True, exist_ok=True)
+        metrics.real_statistics().save(config.fid_stats)
+    return len(reference)
 
-    num_reference = 0
-    if "fid" in metrics.metrics:
-        reference, _ = dataset_images(config.dataset, pipe, config.num_samples, config.seed)
-        for start in range(0, len(reference), config.batch_size):
-            metrics.update_real(reference[start : start + config.batch_size])
-        num_reference = len(reference)
-    sampler = pipe
-    if config.scheduler == "ddim":
-        sampler = DDPMPaperPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
-    elif config.scheduler != "ddpm":
-        raise ValueError(f"`scheduler` must be 'ddpm' or 'ddim', got {config.scheduler!r}.")
-    for samples in generate_samples(sampler, config.num_samples, config.batch_size, config.num_inference_steps, config.seed):
+
+def sample_quality_report(config: EvaluationConfig, metrics: ImageMetrics, pipe: DDPMPaperPipeline | None,
+                          manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """FID against the data set and the Inception Score of the samples in `config.samples` (described by their
+    `manifest`), or of `num_samples` images drawn from `pipe` as `ddpm sample --backend pytorch` draws them."""
+    if manifest is not None:
+        run = manifest["run"]
+        num_samples = config.num_samples or run["num_images"]
+        height, width, channels = run["image_shape"]
+        image_shape, batches = (channels, height, width), iter_sample_batches(config.samples, num_samples)
+        sampling = {"sampling_steps": run["num_inference_steps"], "sampler": run["scheduler"], "backend": run["backend"],
+                    "samples": str(config.samples)}
+    else:
+        num_samples = config.num_samples or DEFAULT_NUM_SAMPLES
+        sampler = TorchImageSampler(with_scheduler(pipe, config.scheduler), config.num_inference_steps, config.seed)
+        image_shape, batches = sampler.image_shape, generate_samples(sampler, num_samples, config.batch_size)
+        sampling = {"sampling_steps": config.num_inference_steps, "sampler": config.scheduler, "backend": "pytorch"}
+    num_reference = reference_statistics(config, metrics, image_shape, num_samples) if "fid" in metrics.metrics else 0
+    for samples in batches:
         metrics.update_fake(samples)
-    return {**metrics.compute(), "num_samples": config.num_samples, "num_reference_images": num_reference,
-            "sampling_steps": config.num_inference_steps, "sampler": config.scheduler}
+    return {**metrics.compute(), "num_samples": num_samples, "num_reference_images": num_reference, **sampling}
 
 
 def write_figures(pipe: DDPMPaperPipeline, images: np.ndarray | None, config: EvaluationConfig, folder: Path) -> dict[str, str]:
@@ -180,29 +214,34 @@ def evaluate(
         names = tuple({"fid": "fid", "is": "inception_score"}[m] for m in config.metrics if m in ("fid", "is"))
         metrics = ImageMetrics(names, feature_extractor=feature_extractor, logits_extractor=logits_extractor,
                                inception_weights=config.inception_weights)
-    pipe = pipe if pipe is not None else load_pipeline(config.model)
+    manifest = read_manifest(config.samples) if config.samples is not None else None
+    model = config.model or (manifest or {}).get("model")
+    if pipe is None and ({"bpd", "rd"} & set(config.metrics) or config.figures or config.samples is None):
+        pipe = load_pipeline(model)
     output = Path(config.output)
     folder = Path(config.figures_dir) if config.figures_dir else output.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"model": str(config.model), "dataset": config.dataset, "metrics": list(config.metrics),
+    report: dict[str, Any] = {"model": str(model), "dataset": config.dataset, "metrics": list(config.metrics),
                               "seed": config.seed}
     wall_time: dict[str, float] = {}
     figures: dict[str, str] = {}
     images = None
     if config.dataset is not None and ({"bpd", "rd"} & set(config.metrics) or config.figures):
-        images, report["dataset_size"] = dataset_images(config.dataset, pipe, config.num_images, config.seed)
+        images, report["dataset_size"] = dataset_images(config.dataset, pipe.image_shape(1)[1:], config.num_images, config.seed)
     if {"bpd", "rd"} & set(config.metrics):
         started = time.perf_counter()
         bound, curve = bound_report(pipe, images, config)
         report.update(num_images=len(images), **bound)
         wall_time["bound"] = time.perf_counter() - started
-        figures["rate_distortion"] = save_figure(plot_rate_distortion(curve), folder / "rate_distortion.png")
+        if config.figures:
+            folder.mkdir(parents=True, exist_ok=True)
+            figures["rate_distortion"] = save_figure(plot_rate_distortion(curve), folder / "rate_distortion.png")
     if metrics is not None:
         started = time.perf_counter()
-        report.update(sample_quality_report(pipe, config, metrics))
+        report.update(sample_quality_report(config, metrics, pipe, manifest))
         wall_time["fid_is"] = time.perf_counter() - started
     if config.figures:
         started = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
         figures.update(write_figures(pipe, images, config, folder))
         wall_time["figures"] = time.perf_counter() - started
     report.update(figures=figures, wall_time_s=wall_time, config=asdict(config))

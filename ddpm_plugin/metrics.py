@@ -25,10 +25,14 @@ Example:
 from __future__ import annotations
 
 import os
+import zipfile
+from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import numpy as np
 import torch
+
+from .export.freshness import weights_sha256
 
 # The paper's sample count for FID and IS (Table 1).
 DEFAULT_NUM_SAMPLES = 50_000
@@ -40,6 +44,10 @@ Metric = Literal["fid", "inception_score"]
 
 class InceptionWeightsNotFoundError(FileNotFoundError):
     """No Inception network is available: no weights file was given and torch-fidelity is not installed."""
+
+
+class InceptionWeightsError(ValueError):
+    """The Inception weights file exists but is not a TorchScript network."""
 
 
 def missing_inception_message(path: str | os.PathLike | None = None) -> str:
@@ -69,8 +77,16 @@ class TorchScriptInception(torch.nn.Module):
             raise ValueError(f"`output` must be 'pool' or 'logits', got {output!r}.")
         if not os.path.isfile(path):
             raise InceptionWeightsNotFoundError(missing_inception_message(path))
-        self.network = torch.jit.load(str(path), map_location="cpu").eval()
+        try:
+            self.network = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as error:  # torch reports a bad archive as RuntimeError (PytorchStreamReader)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InceptionWeightsError(
+                f"{path} ({os.path.getsize(path):,} bytes) is not a TorchScript network ({reason}). It should be "
+                f"{INCEPTION_WEIGHTS_URL.rsplit('/', 1)[1]}, downloaded whole from {INCEPTION_WEIGHTS_URL}."
+            ) from None
         self.output = output
+        self.name = f"TorchScript {os.path.basename(path)} sha256:{weights_sha256(path)[:16]}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
@@ -106,6 +122,35 @@ def to_nchw_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).contiguous()
 
 
+@dataclass
+class FidStatistics:
+    """FID's statistics of a set of images: the mean `mu` [D] and covariance `sigma` [D, D] (float64) of their
+    features, how many images, and which network computed the features."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int
+    network: str
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an `.npz` with `mu`, `sigma`, `num_images` and `network` (no pickled objects)."""
+        with open(path, "wb") as file:  # an open file: np.savez would append ".npz" to a name without it
+            np.savez(file, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images), network=np.str_(self.network))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FidStatistics":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                statistics = cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64),
+                                 int(data["num_images"]), str(data["network"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{path} is not an FID statistics file (.npz of mu, sigma, num_images, network): {error}") from None
+        dim = statistics.mu.shape[0] if statistics.mu.ndim == 1 else -1
+        if statistics.sigma.shape != (dim, dim):
+            raise ValueError(f"{path}: mu {statistics.mu.shape} and sigma {statistics.sigma.shape} do not fit together.")
+        return statistics
+
+
 class ImageMetrics:
     """Streaming FID (real vs generated) and Inception Score (generated) over uint8 NHWC batches.
 
@@ -138,6 +183,46 @@ class ImageMetrics:
             fid_network, is_network = feature_extractor, logits_extractor or feature_extractor
         self.fid_network, self.is_network, self.splits = fid_network, is_network, splits
         self.fid = self.inception_score = None
+        self._loaded_real_statistics: FidStatistics | None = None
+
+    @property
+    def fid_network_name(self) -> str:
+        """Which network computes FID's features (FID statistics of different networks cannot be compared)."""
+        if isinstance(self.fid_network, int):
+            return f"torchmetrics InceptionV3 (torch-fidelity), {self.fid_network} features"
+        network_type = type(self.fid_network)
+        return getattr(self.fid_network, "name", f"{network_type.__module__}.{network_type.__qualname__}")
+
+    def real_statistics(self) -> FidStatistics:
+        """mu and sigma of the reference images added so far, to save and reuse with `load_real_statistics`."""
+        count = 0 if self.fid is None else int(self.fid.real_features_num_samples)
+        if count < 2:
+            raise ValueError(f"FID statistics need at least 2 reference images, got {count}.")
+        mu = self.fid.real_features_sum / count
+        sigma = (self.fid.real_features_cov_sum - count * torch.outer(mu, mu)) / (count - 1)
+        return FidStatistics(mu.numpy(), sigma.numpy(), count, self.fid_network_name)
+
+    def load_real_statistics(self, statistics: FidStatistics) -> None:
+        """Use saved reference statistics as FID's real side instead of adding reference images."""
+        if statistics.network != self.fid_network_name:
+            raise ValueError(
+                f"the FID statistics were computed with {statistics.network!r}, this evaluation uses "
+                f"{self.fid_network_name!r}: compute them again with this network."
+            )
+        self._loaded_real_statistics = statistics
+        if self.fid is not None:
+            self._restore_real_statistics()
+
+    def _restore_real_statistics(self) -> None:
+        """Set FID's real-feature sums to the ones `mu`, `sigma` and the count stand for."""
+        statistics, fid = self._loaded_real_statistics, self.fid
+        if statistics.mu.shape != fid.real_features_sum.shape:
+            raise ValueError(f"the FID statistics have {statistics.mu.shape[0]} features, the network gives "
+                             f"{fid.real_features_sum.shape[0]}.")
+        count, mu = statistics.num_images, torch.from_numpy(statistics.mu)
+        fid.real_features_sum = count * mu
+        fid.real_features_cov_sum = torch.from_numpy(statistics.sigma) * (count - 1) + count * torch.outer(mu, mu)
+        fid.real_features_num_samples = torch.tensor(count)
 
     def build_metrics(self, images: torch.Tensor) -> None:
         """Create the torchmetrics objects on the first batch: they size their state by running the network
@@ -149,6 +234,8 @@ class ImageMetrics:
             self.fid = FrechetInceptionDistance(
                 feature=self.fid_network, reset_real_features=False, input_img_size=tuple(images.shape[1:])
             )
+            if self._loaded_real_statistics is not None:
+                self._restore_real_statistics()
         if self.inception_score is None and "inception_score" in self.metrics:
             self.inception_score = InceptionScore(feature=self.is_network, splits=self.splits)
 
@@ -179,6 +266,10 @@ class ImageMetrics:
         if self.fid is not None:
             result["fid"] = float(self.fid.compute())
         if self.inception_score is not None:
-            mean, std = self.inception_score.compute()
+            # torchmetrics shuffles the images into splits with the global generator: a fixed seed keeps the
+            # score a function of the images alone.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                mean, std = self.inception_score.compute()
             result["inception_score"], result["inception_score_std"] = float(mean), float(std)
         return result

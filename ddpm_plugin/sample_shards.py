@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from .export.freshness import weights_sha256
 from .sampling import Backend, ImageSampler, Sampler, load_image_sampler
 
 MANIFEST = "manifest.json"
@@ -92,8 +93,9 @@ def process_state(device: str | None = None) -> Any:
     return state
 
 
-def weights_sha256(model: str | os.PathLike, backend: Backend) -> str:
-    """SHA-256 of the network files `backend` loads from the pipeline folder `model`."""
+def network_sha256(model: str | os.PathLike, backend: Backend) -> str:
+    """SHA-256 of the network files `backend` loads from the pipeline folder `model` (of their SHA-256s when
+    there are several)."""
     if backend == "onnxruntime":
         from .export.onnx_pipeline import resolve_export_folder
 
@@ -103,12 +105,7 @@ def weights_sha256(model: str | os.PathLike, backend: Backend) -> str:
         files = sorted(Path(model, "unet").glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model} holds no network weights for the {backend} backend.")
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return hashlib.sha256("".join(weights_sha256(path) for path in files).encode()).hexdigest()
 
 
 def shard_path(output_dir: Path, shard: int) -> Path:
@@ -265,7 +262,7 @@ def sample_to_shards(
     sampler = load_image_sampler(model, backend, scheduler, num_inference_steps, eta, seed, device=torch_device,
                                  num_threads=threads, progress_bar=state.is_main_process)
     channels, height, width = sampler.image_shape
-    run = SampleRun(weights_sha256(model, sampler.backend), sampler.backend, scheduler, num_inference_steps,
+    run = SampleRun(network_sha256(model, sampler.backend), sampler.backend, scheduler, num_inference_steps,
                     float(eta), seed, num_images, batch_size, (height, width, channels))
     output_dir = Path(output_dir)
     resuming = check_folder_holds_run(output_dir, run)

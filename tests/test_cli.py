@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from PIL import Image
 
 from ddpm_plugin.cli import main
@@ -30,6 +32,32 @@ def test_sample_writes_a_png_grid(tiny_pipeline_dir, tmp_path):
 
 def test_sample_rejects_bad_steps_and_missing_models(tiny_pipeline_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(tiny_pipeline_dir), "--steps", "0", "--output", str(tmp_path / "x.png")]) == 2
+    assert "--steps must be a positive integer" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tiny_pipeline_dir), "--steps", "1001", "--output", str(tmp_path / "x.png")]) == 2
     assert "num_inference_steps" in capsys.readouterr().err
     assert main(["sample", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 2
     assert "model_index.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--output", "{tmp}/missing/grid.png"], "the folder {tmp}/missing does not exist"),
+    (["--output", "{tmp}"], "is a folder"),
+    (["--output", "{tmp}/grid.txt"], "unknown picture type '.txt'"),
+    (["--output", "{tmp}/grid"], "unknown picture type '(none)'"),
+    (["--scale", "0"], "--scale must be a positive integer"),
+    (["--eta", "-0.5", "--scheduler", "ddim"], "--eta must be a finite number >= 0"),
+    (["--eta", "nan", "--scheduler", "ddim"], "--eta must be a finite number >= 0"),
+    (["--eta", "0.5"], "the DDPM sampler has none"),
+    (["--seed", "-1"], "--seed must be in 0.."),
+    (["--seed", str(2**64)], "--seed must be in 0.."),
+    (["--num-images", "0"], "--num-images must be a positive integer"),
+    (["--batch-size", "0", "--output-dir", "{tmp}/shards"], "--batch-size must be a positive integer"),
+])
+def test_sample_checks_every_flag_before_any_work(tiny_pipeline_dir, tmp_path, capsys, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    output = [] if {"--output", "--output-dir"} & set(args) else ["--output", str(tmp_path / "grid.png")]
+    code = main(["sample", "--model", str(tiny_pipeline_dir), "--steps", "1000", *output, *args])
+    error = capsys.readouterr().err
+    assert code == 2 and message.format(tmp=tmp_path) in error, error
+    assert "it/s" not in error and "Loading pipeline" not in error  # refused before loading or sampling
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -75,12 +75,92 @@ def test_evaluate_rejects_bad_arguments(tiny_pipeline_dir, tmp_path, capsys, arg
     assert code == 2 and message in capsys.readouterr().err
 
 
-def test_bits_per_dim_subset_is_drawn_at_random_with_the_seed(tiny_pipeline):
+def test_bits_per_dim_subset_is_drawn_at_random_with_the_seed():
     from ddpm_plugin.evaluation import dataset_images
 
-    a, size = dataset_images("digits", tiny_pipeline, 10, seed=0)
-    b, _ = dataset_images("digits", tiny_pipeline, 10, seed=0)
-    c, _ = dataset_images("digits", tiny_pipeline, 10, seed=1)
+    a, size = dataset_images("digits", (1, 8, 8), 10, seed=0)
+    b, _ = dataset_images("digits", (1, 8, 8), 10, seed=0)
+    c, _ = dataset_images("digits", (1, 8, 8), 10, seed=1)
     assert a.shape == (10, 8, 8, 1) and a.dtype == np.uint8 and size == 1797
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+@pytest.fixture
+def inception_file(tmp_path):
+    weights = tmp_path / "inception.pt"
+    torch.jit.script(InceptionLike()).save(str(weights))
+    return weights
+
+
+def test_evaluate_from_shards_equals_evaluate_after_sampling(tiny_pipeline_dir, tmp_path, inception_file, capsys):
+    sampling = ["--steps", "5", "--batch-size", "10", "--seed", "3"]
+    assert main(["sample", "--model", str(tiny_pipeline_dir), "--output-dir", str(tmp_path / "samples"),
+                 "--num-images", "20", "--backend", "pytorch", *sampling]) == 0
+    common = ["--dataset", "digits", "--metrics", "fid,is", "--no-figures", "--inception-weights", str(inception_file),
+              "--seed", "3"]  # the seed also draws the reference subset
+    assert main(["evaluate", "--samples", str(tmp_path / "samples"), "--batch-size", "10", *common,
+                 "--output", str(tmp_path / "from_shards.json")]) == 0
+    assert "reading samples: 100%" in capsys.readouterr().err  # streamed, with a progress bar
+    assert main(["evaluate", "--model", str(tiny_pipeline_dir), "--num-samples", "20", *sampling[:-2], *common,
+                 "--output", str(tmp_path / "sampled.json")]) == 0
+    from_shards, sampled = (json.loads((tmp_path / name).read_text()) for name in ("from_shards.json", "sampled.json"))
+    assert from_shards["num_samples"] == sampled["num_samples"] == 20
+    assert from_shards["fid"] == sampled["fid"] and from_shards["inception_score"] == sampled["inception_score"]
+    assert from_shards["model"] == str(tiny_pipeline_dir.resolve()) and from_shards["sampling_steps"] == 5
+
+
+def test_fid_reference_statistics_are_computed_once_and_reused(tiny_pipeline_dir, tmp_path, inception_file, capsys):
+    stats = tmp_path / "stats" / "digits_fid.npz"
+    args = ["evaluate", "--model", str(tiny_pipeline_dir), "--metrics", "fid", "--num-samples", "12", "--steps", "3",
+            "--no-figures", "--inception-weights", str(inception_file), "--fid-stats", str(stats)]
+    assert main([*args, "--dataset", "digits", "--output", str(tmp_path / "first.json")]) == 0
+    with np.load(stats, allow_pickle=False) as saved:
+        assert saved["mu"].shape == (12,) and saved["sigma"].shape == (12, 12) and int(saved["num_images"]) == 12
+    before = stats.read_bytes()
+    assert main([*args, "--output", str(tmp_path / "second.json")]) == 0  # no --dataset: the statistics suffice
+    first, second = (json.loads((tmp_path / name).read_text()) for name in ("first.json", "second.json"))
+    assert second["fid"] == pytest.approx(first["fid"], rel=1e-9) and second["num_reference_images"] == 12
+    assert stats.read_bytes() == before
+
+    other_network = tmp_path / "other.pt"
+
+    class Coarser(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = False, no_output_bias: bool = False) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 2).flatten(1)
+
+    torch.jit.script(Coarser()).save(str(other_network))
+    capsys.readouterr()
+    assert main([*args[:-4], "--inception-weights", str(other_network), "--fid-stats", str(stats),
+                 "--output", str(tmp_path / "third.json")]) == 2
+    assert "compute them again with this network" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_folder_as_output_and_leaves_the_working_folder_clean(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    code = main(["evaluate", "--model", str(tiny_pipeline_dir), "--dataset", "digits", "--num-images", "2",
+                 "--figure-steps", "2", "--output", "results"])
+    assert code == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["results"] and not any((tmp_path / "results").iterdir())
+
+
+def test_no_figures_writes_no_figure(tiny_pipeline_dir, tmp_path):
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", "--model", str(tiny_pipeline_dir), "--dataset", "digits", "--metrics", "bpd,rd",
+                 "--num-images", "2", "--batch-size", "500", "--no-figures", "--output", str(report_path)]) == 0
+    assert json.loads(report_path.read_text())["figures"] == {}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip archive at all" * 100])
+def test_a_bad_inception_weights_file_gets_a_clear_message(tiny_pipeline_dir, tmp_path, capsys, content):
+    weights = tmp_path / "inception-2015-12-05.pt"
+    weights.write_bytes(content)
+    code = main(["evaluate", "--model", str(tiny_pipeline_dir), "--dataset", "digits", "--metrics", "fid",
+                 "--inception-weights", str(weights), "--output", str(tmp_path / "report.json")])
+    error = capsys.readouterr().err
+    assert code == 2 and "is not a TorchScript network" in error and "Traceback" not in error
+    assert f"({len(content):,} bytes)" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "report.json").exists()

@@ -10,7 +10,9 @@ import torch
 from evaluation_fixtures import InceptionLike, one_thread  # noqa: F401 (one_thread: autouse fixture)
 from ddpm_plugin.metrics import (
     INCEPTION_WEIGHTS_ENV,
+    FidStatistics,
     ImageMetrics,
+    InceptionWeightsError,
     InceptionWeightsNotFoundError,
     TorchScriptInception,
 )
@@ -119,3 +121,43 @@ def test_metrics_reject_images_that_are_not_uint8_batches(images, message):
 def test_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="metrics"):
         ImageMetrics(("fid", "precision"), feature_extractor=PooledPixels())
+
+
+def test_saved_fid_statistics_give_the_same_fid_as_the_reference_images(tmp_path):
+    streamed = ImageMetrics(("fid",), feature_extractor=PooledPixels())
+    streamed.update_real(random_images(1, 128))
+    streamed.update_fake(random_images(2, 64, low=32))
+    expected = streamed.compute()["fid"]
+    streamed.real_statistics().save(tmp_path / "reference.npz")
+
+    statistics = FidStatistics.load(tmp_path / "reference.npz")
+    features = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(random_images(1, 128)).permute(0, 3, 1, 2).double() / 255.0, 2).flatten(1)
+    np.testing.assert_allclose(statistics.mu, features.mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(statistics.sigma, np.cov(features.numpy(), rowvar=False), rtol=1e-4, atol=1e-9)
+    assert statistics.num_images == 128 and "PooledPixels" in statistics.network
+
+    reused = ImageMetrics(("fid",), feature_extractor=PooledPixels())
+    reused.load_real_statistics(statistics)
+    reused.update_fake(random_images(2, 64, low=32))
+    assert reused.compute()["fid"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_statistics_of_another_network_are_refused():
+    class OtherFeatures(PooledPixels):
+        pass
+
+    statistics = FidStatistics(np.zeros(4), np.eye(4), 10, "TorchScript inception-2015-12-05.pt sha256:0123")
+    with pytest.raises(ValueError, match="compute them again with this network"):
+        ImageMetrics(("fid",), feature_extractor=OtherFeatures()).load_real_statistics(statistics)
+
+
+def test_a_file_that_is_not_fid_statistics_is_named(tmp_path):
+    np.savez(tmp_path / "images.npz", images=random_images(0, 4))
+    with pytest.raises(ValueError, match="images.npz is not an FID statistics file"):
+        FidStatistics.load(tmp_path / "images.npz")
+
+
+def test_a_torchscript_file_that_is_not_one_is_named(tmp_path):
+    (tmp_path / "inception.pt").write_bytes(b"<html>404</html>")
+    with pytest.raises(InceptionWeightsError, match=r"inception.pt \(16 bytes\) is not a TorchScript network"):
+        TorchScriptInception(tmp_path / "inception.pt")

@@ -11,13 +11,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Measure a pipeline as the paper does and write a JSON report (top-level bits_per_dim, fid, "
                     "inception_score) and PNG figures beside it.",
     )
-    parser.add_argument("--model", help="pipeline folder (default: the bundled digits model)")
+    parser.add_argument("--model", help="pipeline folder (default: the model of --samples, else the bundled digits model)")
+    parser.add_argument("--samples", help="a `ddpm sample --output-dir` folder: FID/IS score its images instead of sampling")
+    parser.add_argument("--fid-stats", help="FID reference statistics (.npz of mu and sigma): read when the file exists, "
+                                            "else computed from --dataset and saved there")
     parser.add_argument("--dataset", help="test images: an .npz with uint8 `images`, an image folder, digits, mnist "
                                           "(the training split), or a Hugging Face datasets name/path")
     parser.add_argument("--metrics", default="bpd,rd", help="comma-separated: bpd, rd, fid, is (default: bpd,rd)")
     parser.add_argument("--num-images", type=int, help="test images for bits/dim, drawn at random (default: all)")
-    parser.add_argument("--num-samples", type=int, default=50_000,
-                        help="generated images for FID/IS, and the most reference images (paper: 50,000)")
+    parser.add_argument("--num-samples", type=int,
+                        help="generated images for FID/IS, and the most reference images (default: 50,000 as the "
+                             "paper, or all the images of --samples)")
     parser.add_argument("--batch-size", type=int, default=64, help="UNet inputs per pass")
     parser.add_argument("--steps", type=int, default=1000, help="sampling steps of the FID/IS samples (1..1000)")
     parser.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm", help="sampler of the FID/IS samples")
@@ -36,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_plugin.bundled import resolve_model
     from ddpm_plugin.evaluation import EvaluationConfig, evaluate, summary_table
 
+    model = args.model if args.model or args.samples else resolve_model(None)
     config = EvaluationConfig(
-        model=str(resolve_model(args.model)), dataset=args.dataset,
+        model=None if model is None else str(model), samples=args.samples, fid_stats=args.fid_stats, dataset=args.dataset,
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), num_images=args.num_images,
         num_samples=args.num_samples, batch_size=args.batch_size, num_inference_steps=args.steps,
         scheduler=args.scheduler, seed=args.seed, output=args.output, figures_dir=args.figures_dir,

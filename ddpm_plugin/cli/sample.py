@@ -15,7 +15,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample images into a grid picture (--output) or into resumable .npz shards with a manifest "
                     "(--output-dir; run it under `accelerate launch -m ddpm_plugin.cli sample ...` to use several "
                     "processes). Image i depends only on --seed and i.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", help="pipeline folder (default: the bundled digits model)")
     parser.add_argument("--num-images", type=int, default=16, help="number of images")
