@@ -196,7 +196,7 @@ def first_image(browser: Any, url: str, threads: int) -> tuple[float, float, lis
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
     page.goto(f"{url}?threads={threads}", wait_until="commit")
-    page.wait_for_function("window.ddpm.timings.firstImage !== null")
+    page.wait_for_function("window.ddpm && window.ddpm.timings.firstImage !== null")
     timings = page.evaluate("window.ddpm.timings")
     context.close()
     return timings["ready"], timings["firstImage"], requested
