@@ -63,7 +63,8 @@ class TrainingConfig:
     compile: bool = setting(False, "torch.compile the UNet's training forward (minutes to compile, faster steps after)")
     checkpointing_steps: int = setting(5000, "optimizer steps between checkpoints (0: only at the end)")
     checkpoints_total_limit: int | None = setting(None, "newest checkpoints kept (default: all)")
-    resume_from_checkpoint: str | None = setting(None, '"latest" (in OUTPUT/checkpoints) or a checkpoint folder')
+    resume_from_checkpoint: str | None = setting(None, '"latest" (in OUTPUT/checkpoints) or a checkpoint folder to '
+                                                      "continue from (default: start a new run)")
     sample_every: int = setting(0, "optimizer steps between sample grids (0: never)")
     num_sample_images: int = setting(16, "images per sample grid")
     sample_inference_steps: int = setting(1000, "denoising steps per sample grid")
