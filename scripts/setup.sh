@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with everything ddpm-plugin needs; safe to run again (it only adds what is missing).
 #   scripts/setup.sh            the package with every extra, for `ddpm ...`
-#   scripts/setup.sh --dev      plus the test tools, Debian's chromium and the web page's npm packages
+#   scripts/setup.sh --dev      plus the test tools and Debian's chromium
+# Both install the in-browser sampler's npm packages (demo/web/node_modules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +26,9 @@ if [ "${1:-}" = "--dev" ]; then
 else
   pip install -q -e ".[all]"
 fi
+# The in-browser sampler's onnxruntime-web, from the npm registry through the committed lockfile (no CDN).
+if ! command -v npm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null;
+  else sudo apt-get update -qq && sudo apt-get install -y -qq nodejs npm >/dev/null; fi
+fi
+npm ci --prefix demo/web --ignore-scripts --no-audit --no-fund --loglevel=error
