@@ -1,9 +1,13 @@
 """The DDPM demo page (Gradio Blocks): the layout, and callbacks that hand every request to `backends`.
 
 Run it with `ddpm demo [--model DIR ...]`, or as a Hugging Face Space with `python app.py` (the same flags).
-Requests are queued (`--concurrency` at a time, at most `--queue-size` waiting); each control is validated
-and a rejected request shows a message in the page, never a traceback. Models are chosen by name among the
-configured folders, and the server serves no file but the pictures it generates.
+Requests are queued (`--concurrency` at a time, at most `--queue-size` waiting). Every value reaches the engine
+unchecked by Gradio and is validated there, so a rejected request (a wrong type, NaN, a fraction of a step, an
+unknown model, a file that is not a picture) shows a message in the page and the API, never a traceback.
+Models are chosen by name among the configured folders. Request bodies are bounded and uploads are pictures
+within a pixel budget, kept only until the request that uses them ends (`uploads`); each run starts with an
+empty file folder of its own, so the server serves the pictures it generated and, until their request, the
+pictures visitors uploaded, and nothing else.
 
 Named API endpoints (`gradio_client.Client(url).view_api()` lists them):
 `/generate` (model, backend, sampler, variance_type, steps, num_images, seed, eta) -> (gallery, progression,
@@ -15,14 +19,21 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import signal
 import sys
+import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import gradio as gr
 from PIL import Image
+from starlette.middleware import Middleware
 
+from ddpm_plugin.cli.arguments import MAX_PORT
 from ddpm_plugin.demo.backends import (
     CONCURRENCY_LIMIT,
     MAX_IMAGES,
@@ -35,11 +46,11 @@ from ddpm_plugin.demo.backends import (
     interpolation_picture,
     progression_picture,
 )
+from ddpm_plugin.demo.uploads import MAX_FILE_SIZE, UploadGuard, UploadStore, read_picture
 
 DDPM_STEPS = 1000  # the paper samples with all T steps
 DDIM_STEPS = 50
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete generated pictures older than an hour
-MAX_FILE_SIZE = "2mb"  # largest upload
 # Generation, interpolation and bits/dim share one concurrency limit: together they never run more than
 # `--concurrency` model requests at once (and generation never needs more ONNX sessions than the engine holds).
 MODEL_QUEUE = "model"
@@ -65,6 +76,26 @@ colours. Runs on PyTorch."""
 
 def _choices(labels: dict[str, str], values: Sequence[str]) -> list[tuple[str, str]]:
     return [(labels[value], value) for value in values]
+
+
+def checked_by_the_engine(component: gr.components.Component) -> gr.components.Component:
+    """`component`, whose value reaches the callback as the client sent it.
+
+    Gradio's own input checks answer a value outside the choices with an error that logs a traceback, crash on
+    a wrong type (`round(nan)`, `"a" < 0`), round 2.5 steps silently and decode an upload before anything can
+    look at its size; the engine checks every value instead, with a message. The instance's `preprocess` is
+    replaced rather than the class subclassed: Gradio writes a `.pyi` file beside every module that subclasses
+    a component."""
+    component.preprocess = lambda payload: payload
+    return component
+
+
+def _unchecked(component_class: type) -> Any:
+    return lambda *args, **kwargs: checked_by_the_engine(component_class(*args, **kwargs))
+
+
+# The page's inputs, each made by Gradio's class and handed to the engine unchecked (see above).
+Dropdown, Radio, Number, Slider, Picture = map(_unchecked, (gr.Dropdown, gr.Radio, gr.Number, gr.Slider, gr.Image))
 
 
 @contextmanager
@@ -103,8 +134,25 @@ def use_sample(gallery: list | None) -> str:
     return _gallery_files(gallery, 1)[0]
 
 
-def build_demo(engine: DemoEngine) -> gr.Blocks:
-    """The page for `engine`'s models. Call `.queue(...)` and `.launch(...)` on it, as [`launch`] does."""
+def _path(upload: Any) -> str | None:
+    """The server path of an uploaded picture (Gradio's `FileData`, or its dict), or None when there is none."""
+    return upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
+
+
+def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blocks:
+    """The page for `engine`'s models. Call `.queue(...)` and `.launch(...)` on it, as [`launch`] does.
+
+    Uploads in `uploads` are deleted when the request that reads them ends."""
+
+    @contextmanager
+    def reading(*pictures: Any) -> Iterator[None]:
+        try:
+            with shown_in_page():
+                yield
+        finally:
+            for picture in pictures:
+                if uploads is not None:
+                    uploads.discard(_path(picture))
 
     def generate(
         model: str, backend: str, sampler: str, variance_type: str, steps: float, num_images: float, seed: float,
@@ -131,8 +179,9 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
         model: str, image_a: Any, image_b: Any, timestep: float, num_lambdas: float, seed: float,
         progress: gr.Progress = gr.Progress(track_tqdm=True),
     ) -> tuple[Any, str]:
-        with shown_in_page():
-            images, output = engine.interpolate(model, image_a, image_b, timestep, num_lambdas, seed)
+        with reading(image_a, image_b):
+            arrays = [read_picture(name, _path(image)) for name, image in (("Image A", image_a), ("Image B", image_b))]
+            images, output = engine.interpolate(model, *arrays, timestep, num_lambdas, seed)
         lambdas = ", ".join(f"{value:.2f}" for value in output.lambdas)
         summary = f"Image A, the interpolants decoded from t = {output.timestep} at λ = {lambdas}, image B."
         description = f"interpolation of two uploads with {model} at t = {output.timestep}, seed {seed}"
@@ -141,8 +190,8 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
     def bits_per_dim(
         model: str, image: Any, seed: float, progress: gr.Progress = gr.Progress(track_tqdm=True)
     ) -> tuple[Any, str]:
-        with shown_in_page():
-            fitted, output = engine.bits_per_dim(model, image, seed)
+        with reading(image):
+            fitted, output = engine.bits_per_dim(model, read_picture("Image", _path(image)), seed)
         summary = (
             "| bound (bits/dim) | rate L_T + ... + L_1 | distortion L_0 | prior L_T |\n|---:|---:|---:|---:|\n"
             f"| {output.total_bpd[0]:.3f} | {output.rate_bpd[0]:.3f} | {output.decoder_bpd[0]:.3f} "
@@ -167,23 +216,23 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
         if "onnxruntime" not in backends:
             reasons = "; ".join(f"{m.name}: {m.onnx_problem}" for m in engine.models.values())
             gr.Markdown(f"ONNX Runtime is unavailable ({reasons}); sampling runs on PyTorch.")
-        model = gr.Dropdown(models, value=models[0], label="Model", elem_id="model")
+        model = Dropdown(models, value=models[0], label="Model", elem_id="model")
         with gr.Tab("Generate", elem_id="tab-generate"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
-                    backend = gr.Radio(_choices(BACKEND_LABELS, backends), value=backends[0], label="Backend",
-                                       elem_id="backend")
-                    sampler = gr.Radio(_choices(SAMPLER_LABELS, ("ddpm", "ddim")), value="ddpm", label="Sampler",
-                                       elem_id="sampler")
-                    variance_type = gr.Radio(_choices(VARIANCE_LABELS, ("fixed_large", "fixed_small")),
-                                             value=default_variance, label="Variance σ²", elem_id="variance")
-                    eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="DDIM η (0 = deterministic)",
-                                    visible=False, elem_id="eta")
-                    steps = gr.Number(DDPM_STEPS, precision=0, label=f"Steps (1..{engine.max_steps})",
-                                      elem_id="steps")
-                    num_images = gr.Number(4, precision=0, label=f"Number of images (1..{engine.max_images})",
-                                           elem_id="num-images")
-                    seed = gr.Number(0, precision=0, label=f"Seed (0..{MAX_SEED})", elem_id="seed")
+                    backend = Radio(_choices(BACKEND_LABELS, backends), value=backends[0], label="Backend",
+                                    elem_id="backend")
+                    sampler = Radio(_choices(SAMPLER_LABELS, ("ddpm", "ddim")), value="ddpm", label="Sampler",
+                                    elem_id="sampler")
+                    variance_type = Radio(_choices(VARIANCE_LABELS, ("fixed_large", "fixed_small")),
+                                          value=default_variance, label="Variance σ²", elem_id="variance")
+                    eta = Slider(0.0, 1.0, value=0.0, step=0.05, label="DDIM η (0 = deterministic)",
+                                 visible=False, elem_id="eta")
+                    steps = Number(DDPM_STEPS, precision=0, label=f"Steps (1..{engine.max_steps})",
+                                   elem_id="steps")
+                    num_images = Number(4, precision=0, label=f"Number of images (1..{engine.max_images})",
+                                        elem_id="num-images")
+                    seed = Number(0, precision=0, label=f"Seed (0..{MAX_SEED})", elem_id="seed")
                     random_seed = gr.Button("Random seed", size="sm", elem_id="random-seed")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
@@ -196,17 +245,17 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
         with gr.Tab("Interpolate", elem_id="tab-interpolate"):
             gr.Markdown(INTERPOLATE_HELP)
             with gr.Row():
-                image_a = gr.Image(label="Image A (λ = 0)", type="numpy", image_mode="RGB",
-                                   sources=["upload", "clipboard"], elem_id="image-a")
-                image_b = gr.Image(label="Image B (λ = 1)", type="numpy", image_mode="RGB",
-                                   sources=["upload", "clipboard"], elem_id="image-b")
+                image_a = Picture(label="Image A (λ = 0)",
+                                  sources=["upload", "clipboard"], elem_id="image-a")
+                image_b = Picture(label="Image B (λ = 1)",
+                                  sources=["upload", "clipboard"], elem_id="image-b")
             with gr.Row():
                 use_two = gr.Button("Use samples 1 and 2 from the gallery", size="sm")
-                timestep = gr.Number(min(500, max_t), precision=0, label=f"Interpolation step t (0..{max_t})",
-                                     elem_id="interpolation-t")
-                num_lambdas = gr.Number(9, precision=0, label=f"Interpolants (2..{MAX_LAMBDAS})",
-                                        elem_id="num-lambdas")
-                interpolation_seed = gr.Number(0, precision=0, label="Seed", elem_id="interpolation-seed")
+                timestep = Number(min(500, max_t), precision=0, label=f"Interpolation step t (0..{max_t})",
+                                  elem_id="interpolation-t")
+                num_lambdas = Number(9, precision=0, label=f"Interpolants (2..{MAX_LAMBDAS})",
+                                     elem_id="num-lambdas")
+                interpolation_seed = Number(0, precision=0, label="Seed", elem_id="interpolation-seed")
             run_interpolation = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
             interpolation = gr.Image(label="Interpolation", format="png", type="pil", interactive=False,
                                      elem_id="interpolation", buttons=["download", "fullscreen"])
@@ -214,13 +263,13 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
         with gr.Tab("Bits/dim", elem_id="tab-bpd"):
             gr.Markdown(BPD_HELP)
             with gr.Row():
-                bpd_image = gr.Image(label="Image", type="numpy", image_mode="RGB", sources=["upload", "clipboard"],
-                                     elem_id="bpd-image")
+                bpd_image = Picture(label="Image", sources=["upload", "clipboard"],
+                                    elem_id="bpd-image")
                 bpd_fitted = gr.Image(label="As the model sees it", format="png", type="pil", interactive=False,
                                       elem_id="bpd-fitted")
             with gr.Row():
                 use_one = gr.Button("Use sample 1 from the gallery", size="sm")
-                bpd_seed = gr.Number(0, precision=0, label="Seed", elem_id="bpd-seed")
+                bpd_seed = Number(0, precision=0, label="Seed", elem_id="bpd-seed")
             run_bpd = gr.Button("Compute bits/dim", variant="primary", elem_id="bits-per-dim")
             bpd_summary = gr.Markdown(label="Bound", elem_id="bpd-summary")
 
@@ -264,16 +313,48 @@ def launch(
     """
     if concurrency < 1 or queue_size < 1:
         raise ValueError(f"`concurrency` and `queue_size` must be at least 1, got {concurrency} and {queue_size}.")
+    if port is not None and not 0 <= port <= MAX_PORT:
+        raise ValueError(f"`port` must be in 0..{MAX_PORT}, got {port}.")
     if num_threads is None:
         num_threads = max(1, (os.cpu_count() or 1) // concurrency)
     engine = DemoEngine(models, max_images=max_images, num_threads=num_threads, onnx=onnx, concurrency=concurrency)
-    demo = build_demo(engine)
-    demo.queue(max_size=queue_size, default_concurrency_limit=concurrency)
-    # No allowed_paths: Gradio serves only its own cache, where the generated pictures are written.
-    demo.launch(
-        server_name=host, server_port=port, ssr_mode=False, show_error=False, footer_links=["api", "gradio"],
-        max_file_size=MAX_FILE_SIZE,
-    )
+    with run_folder() as folder:
+        uploads = UploadStore(folder)
+        demo = build_demo(engine, uploads)
+        demo.queue(max_size=queue_size, default_concurrency_limit=concurrency)
+        # No allowed_paths: Gradio serves only its file folder, where this run's pictures are written.
+        demo.launch(
+            server_name=host, server_port=port, ssr_mode=False, show_error=False, footer_links=["api", "gradio"],
+            max_file_size=MAX_FILE_SIZE, app_kwargs={"middleware": [Middleware(UploadGuard, store=uploads)]},
+        )
+
+
+@contextmanager
+def run_folder() -> Iterator[Path]:
+    """A fresh folder for Gradio's files (uploads and generated pictures) under `GRADIO_TEMP_DIR` (else the
+    system's temporary folder), deleted when the server stops, also on SIGTERM: nothing of an earlier run is
+    ever served. Gradio reads the variable when components are made, so the block builds the page."""
+    root = os.environ.get("GRADIO_TEMP_DIR")
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="ddpm-demo-", dir=root))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # Gradio closes the server on KeyboardInterrupt
+    # Uploads are judged by `uploads.check_picture` against a far smaller budget; Pillow's warning is noise.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    try:
+        yield folder
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if root:
+            os.environ["GRADIO_TEMP_DIR"] = root
+        else:
+            os.environ.pop("GRADIO_TEMP_DIR")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ PROGRESSION_IMAGES = 4  # images whose progression is drawn, two rows each (x_t 
 GALLERY_PIXELS = 128  # gallery images are upscaled to at least this size, by nearest neighbour
 PROGRESSION_PIXELS = 64  # the same for each tile of the progression
 MAX_LAMBDAS = 16  # most interpolation weights per request
+MAX_ECHO = 60  # characters of a rejected value that a message repeats
 
 # Called after every denoising step with (steps done, total steps).
 StepCallback = Callable[[int, int], None]
@@ -53,18 +54,26 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm-plugin"
 
 
+def shown(value: Any) -> str:
+    """`repr(value)`, shortened: a message never echoes a long value back."""
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}... ({len(text):,} characters)"
+
+
 def _integer_in(name: str, value: Any, low: int, high: int) -> int:
-    """`value` as an int in low..high, or a `ValueError` naming the control."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-        raise ValueError(f"{name} must be a whole number in {low}..{high}, got {value!r}.")
+    """`value` as an int in low..high, or a `ValueError` naming the control. Any type may come in (an API client
+    sends what it likes): a bool, a string, NaN, infinity or a fraction is refused, never rounded."""
+    whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not whole:
+        raise ValueError(f"{name} must be a whole number in {low}..{high}, got {shown(value)}.")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in {low}..{high}, got {int(value)}.")
+        raise ValueError(f"{name} must be in {low}..{high}, got {shown(int(value))}.")
     return int(value)
 
 
 def _one_of(name: str, value: Any, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {shown(value)}.")
     return value
 
 
@@ -359,8 +368,8 @@ class DemoEngine:
 
     def model(self, name: str) -> DemoModel:
         """The configured model called `name`; nothing else (no paths) can be chosen."""
-        if name not in self.models:
-            raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(self.models)}.")
+        if not isinstance(name, str) or name not in self.models:
+            raise ValueError(f"Unknown model {shown(name)}; choose one of: {', '.join(self.models)}.")
         return self.models[name]
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
@@ -373,7 +382,7 @@ class DemoEngine:
         _one_of("Variance", request.variance_type, VARIANCE_TYPES)
         eta = request.eta
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"Eta must be a number in 0..1, got {eta!r}.")
+            raise ValueError(f"Eta must be a number in 0..1, got {shown(eta)}.")
         return GenerationRequest(
             model=request.model, backend=request.backend, sampler=request.sampler,
             variance_type=request.variance_type,

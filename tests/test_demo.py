@@ -110,11 +110,31 @@ def test_gallery_images_are_upscaled_with_crisp_pixels(engine):
         ({"backend": "onnxruntime"}, "ONNX Runtime is not available for pipeline"),
         ({"model": "/etc"}, "Unknown model '/etc'; choose one of: pipeline"),
         ({"model": "../pipeline"}, "Unknown model"),
+        # What an API client may send instead of a number or a choice (issue 11, item 6): refused, never rounded.
+        ({"num_inference_steps": float("nan")}, "Steps must be a whole number in 1..1000, got nan"),
+        ({"num_inference_steps": float("inf")}, "Steps must be a whole number in 1..1000, got inf"),
+        ({"num_inference_steps": "10"}, "Steps must be a whole number in 1..1000, got '10'"),
+        ({"num_inference_steps": [10]}, "Steps must be a whole number in 1..1000, got [10]"),
+        ({"num_inference_steps": True}, "Steps must be a whole number in 1..1000, got True"),
+        ({"num_inference_steps": 10**400}, "Steps must be in 1..1000, got 1000000"),
+        ({"num_images": 2.5}, "Number of images must be a whole number in 1..6, got 2.5"),
+        ({"num_images": {"n": 2}}, "Number of images must be a whole number"),
+        ({"seed": "abc"}, "Seed must be a whole number in 0..2147483647, got 'abc'"),
+        ({"seed": float("-inf")}, "Seed must be a whole number"),
+        ({"eta": float("nan")}, "Eta must be a number in 0..1, got nan"),
+        ({"eta": "0.5"}, "Eta must be a number in 0..1, got '0.5'"),
+        ({"eta": [0.1]}, "Eta must be a number in 0..1, got [0.1]"),
+        ({"sampler": ["ddim"]}, "Sampler must be one of ddpm, ddim; got ['ddim']"),
+        ({"backend": None}, "Backend must be one of onnxruntime, pytorch; got None"),
+        ({"model": ["pipeline"]}, "Unknown model ['pipeline']"),
+        ({"model": "m" * 5_000_000}, "Unknown model 'mmm"),
     ],
 )
 def test_rejected_requests_name_the_control(engine, overrides, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ValueError) as error:
         engine.generate(request(**overrides))
+    assert str(error.value).startswith(message) or message in str(error.value)
+    assert len(str(error.value)) < 200  # a long value is never echoed back whole
 
 
 def test_whole_number_floats_are_accepted_as_ints(engine):
@@ -172,6 +192,26 @@ def test_page_exposes_only_the_named_api(engine):
     demo = pytest.importorskip("ddpm_plugin.demo.app").build_demo(engine)
     public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert public == {"generate", "interpolate", "bits_per_dim", "models"}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--port", "70000"], "argument --port: must be a whole number in 0..65535, got '70000'"),
+        (["--port", "-1"], "argument --port: must be a whole number in 0..65535, got '-1'"),
+        (["--port", "http"], "argument --port: must be a whole number in 0..65535, got 'http'"),
+        (["--max-images", "0"], "argument --max-images: must be a whole number >= 1, got '0'"),
+        (["--concurrency", "0"], "argument --concurrency: must be a whole number >= 1, got '0'"),
+        (["--queue-size", "-5"], "argument --queue-size: must be a whole number >= 1, got '-5'"),
+        (["--threads", "0"], "argument --threads: must be a whole number >= 1, got '0'"),
+    ],
+)
+def test_cli_demo_refuses_out_of_range_numbers_with_one_line(arguments, message):
+    result = subprocess.run([sys.executable, "-m", "ddpm_plugin.cli", "demo", *arguments], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"ddpm demo: error: {message}"
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_demo_takes_repeated_models_and_an_address():

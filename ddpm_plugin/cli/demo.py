@@ -6,6 +6,8 @@ import argparse
 
 from ddpm_plugin.demo.backends import CONCURRENCY_LIMIT, MAX_IMAGES, QUEUE_SIZE
 
+from .arguments import port, positive
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="serve the interactive Gradio demo in a browser")
@@ -13,14 +15,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="pipeline folder to offer; repeat for several (default: the bundled digits model)")
     parser.add_argument("--host", default=None,
                         help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
-    parser.add_argument("--max-images", type=int, default=MAX_IMAGES,
+    parser.add_argument("--port", type=port, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--max-images", type=positive, default=MAX_IMAGES,
                         help="most images one request may ask for (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=CONCURRENCY_LIMIT,
+    parser.add_argument("--concurrency", type=positive, default=CONCURRENCY_LIMIT,
                         help="requests sampled at the same time (default: %(default)s)")
-    parser.add_argument("--queue-size", type=int, default=QUEUE_SIZE,
+    parser.add_argument("--queue-size", type=positive, default=QUEUE_SIZE,
                         help="requests that may wait in the queue (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive, default=None,
                         help="threads per request (default: CPU cores / concurrency)")
     parser.add_argument("--no-onnx", action="store_true", help="offer only the PyTorch backend")
     parser.set_defaults(func=run)
