@@ -15,7 +15,7 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime")
 
-from ddpm_plugin.bundled import BUNDLED_MODEL  # noqa: E402
+from ddpm_plugin.bundled import DIGITS_MODEL  # noqa: E402
 from ddpm_plugin.export.onnx_pipeline import (  # noqa: E402
     OnnxDDPMPipeline,
     OnnxModelError,
@@ -48,8 +48,8 @@ def digits_pipelines(tiny_pipeline_dir, onnx_dir):
 
     torch.set_num_threads(1)
     folder, export = tiny_pipeline_dir, onnx_dir
-    if (BUNDLED_MODEL / "onnx" / "ddpm_onnx.json").is_file():
-        folder, export = BUNDLED_MODEL, BUNDLED_MODEL / "onnx"
+    if (DIGITS_MODEL / "onnx" / "ddpm_onnx.json").is_file():
+        folder, export = DIGITS_MODEL, DIGITS_MODEL / "onnx"
     pipe = DDPMPaperPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe, OnnxDDPMPipeline.from_pretrained(export, provider="cpu", num_threads=1)
@@ -322,14 +322,14 @@ def test_an_opset_newer_than_the_runtime_is_reported(export_copy):
 # --- The bundled digits model's export. ---
 
 
-@pytest.mark.skipif(not (BUNDLED_MODEL / "onnx" / "ddpm_onnx.json").is_file(), reason="no bundled ONNX export")
+@pytest.mark.skipif(not (DIGITS_MODEL / "onnx" / "ddpm_onnx.json").is_file(), reason="no bundled ONNX export")
 def test_bundled_onnx_export_matches_the_bundled_weights():
     import torch
     from diffusers import UNet2DModel
 
-    pipe = OnnxDDPMPipeline.from_pretrained(BUNDLED_MODEL, provider="cpu", num_threads=1)  # finds onnx/
+    pipe = OnnxDDPMPipeline.from_pretrained(DIGITS_MODEL, provider="cpu", num_threads=1)  # finds onnx/
     assert pipe.metadata["preset"] == "digits" and pipe.metadata["source_model"] == ".."
-    unet = UNet2DModel.from_pretrained(BUNDLED_MODEL, subfolder="unet", use_safetensors=True).eval()
+    unet = UNet2DModel.from_pretrained(DIGITS_MODEL, subfolder="unet", use_safetensors=True).eval()
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((4, *pipe.image_shape), dtype=np.float32)
     timestep = np.array([0, 10, 500, 999], dtype=np.int64)
@@ -346,9 +346,9 @@ def test_bundled_onnx_export_matches_the_bundled_weights():
 
 @pytest.fixture
 def shipped_export(tmp_path) -> Path:
-    if not (BUNDLED_MODEL / "onnx" / "ddpm_onnx.json").is_file():
+    if not (DIGITS_MODEL / "onnx" / "ddpm_onnx.json").is_file():
         pytest.skip("no bundled ONNX export")
-    return Path(shutil.copytree(BUNDLED_MODEL / "onnx", tmp_path / "onnx"))
+    return Path(shutil.copytree(DIGITS_MODEL / "onnx", tmp_path / "onnx"))
 
 
 @pytest.fixture
