@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, get_args
+from typing import Any
 
 from diffusers import DDPMScheduler
 
-from .pipelines.gaussian_diffusion import BetaSchedule, get_beta_schedule
+from .pipelines.gaussian_diffusion import SCHEDULER_OPTIONS, GaussianDiffusion
 from .presets import get_preset
-
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 # T=1000, beta_1=1e-4 .. beta_T=0.02 linearly, eps-prediction, x_0 clipped to [-1, 1] while sampling.
 PAPER_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -30,8 +26,9 @@ def paper_scheduler(preset: str = "cifar10", **overrides: Any) -> DDPMScheduler:
 
     `variance_type` is `"fixed_large"` (sigma_t^2 = beta_t, the official CIFAR-10 sampler) for cifar10 and the
     small presets, `"fixed_small"` (sigma_t^2 = beta_tilde_t) for the 256x256 presets. `overrides` replace
-    any `DDPMScheduler` argument and are validated: stock diffusers silently treats an unknown
-    `variance_type` as fixed_small and divides by zero on zero steps.
+    `DDPMScheduler` arguments and are checked against the allow-list that training, the bound and ONNX sampling
+    share (`ddpm_plugin.pipelines.gaussian_diffusion.SCHEDULER_OPTIONS`): a setting they do not model, such as
+    `thresholding=True` or `rescale_betas_zero_snr=True`, is refused rather than followed by sampling alone.
 
     Example:
 
@@ -42,28 +39,8 @@ def paper_scheduler(preset: str = "cifar10", **overrides: Any) -> DDPMScheduler:
     ```
     """
     config = {**PAPER_SCHEDULER_CONFIG, "variance_type": get_preset(preset).variance_type, **overrides}
-    unknown = set(overrides) - set(inspect.signature(DDPMScheduler.__init__).parameters)
+    unknown = set(overrides) - set(SCHEDULER_OPTIONS)
     if unknown:
         raise ValueError(f"unknown `DDPMScheduler` arguments: {sorted(unknown)}.")
-    if config["variance_type"] not in VARIANCE_TYPES:
-        raise ValueError(f"`variance_type` must be one of {list(VARIANCE_TYPES)}, got {config['variance_type']!r}.")
-    if config["prediction_type"] not in PREDICTION_TYPES:
-        raise ValueError(
-            f"`prediction_type` must be one of {list(PREDICTION_TYPES)}, got {config['prediction_type']!r}."
-        )
-    steps = config["num_train_timesteps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`num_train_timesteps` must be a positive integer, got {steps!r}.")
-    if config["beta_schedule"] not in get_args(BetaSchedule):
-        raise ValueError(
-            f"`beta_schedule` must be one of {list(get_args(BetaSchedule))}, got {config['beta_schedule']!r}."
-        )
-    if not 0 < config["beta_start"] <= config["beta_end"] < 1:
-        raise ValueError(
-            f"need 0 < `beta_start` <= `beta_end` < 1, got {config['beta_start']!r} and {config['beta_end']!r}."
-        )
-    get_beta_schedule(  # raises if the schedule leaves (0, 1)
-        config["beta_schedule"], beta_start=config["beta_start"], beta_end=config["beta_end"],
-        num_diffusion_timesteps=steps,
-    )
+    GaussianDiffusion.from_config(config)  # raises for a setting the float64 schedule does not model
     return DDPMScheduler(**config)

@@ -30,15 +30,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from .diffusion_ops import q_sample
 from .gaussian_diffusion import GaussianDiffusion
 from .variational_bound import (
+    BoundTerms,
+    calc_bpd_loop,
     check_variance_type,
+    clip_range_of,
     cumulative_rate_bpd,
     distortion_rmse,
-    mean_flat,
-    prior_bpd,
-    vb_terms_bpd,
 )
 
-CUSTOM_PIPELINE_NAME = Path(__file__).stem
 STOCK_PIPELINE_CLASS = "DDPMPipeline"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -115,6 +114,30 @@ class BitsPerDimOutput(BaseOutput):
     cumulative_rate_bpd: np.ndarray
     distortion_rmse: np.ndarray
 
+    @classmethod
+    def from_terms(cls, terms: BoundTerms) -> "BitsPerDimOutput":
+        """The totals and curves of the per-image terms [`calc_bpd_loop`] returns."""
+        return cls(
+            total_bpd=terms.terms_bpd.sum(axis=1) + terms.prior_bpd,
+            terms_bpd=terms.terms_bpd,
+            prior_bpd=terms.prior_bpd,
+            decoder_bpd=terms.terms_bpd[:, 0].copy(),
+            rate_bpd=terms.terms_bpd[:, 1:].sum(axis=1) + terms.prior_bpd,
+            x_start_mse=terms.x_start_mse,
+            cumulative_rate_bpd=cumulative_rate_bpd(terms.terms_bpd, terms.prior_bpd).mean(axis=0),
+            distortion_rmse=distortion_rmse(terms.x_start_mse),
+        )
+
+    def rate_distortion(self) -> "RateDistortionOutput":
+        """The rate-distortion curve of these images (paper Fig. 5, Table 4), averaged over them."""
+        return RateDistortionOutput(
+            timesteps=np.arange(self.terms_bpd.shape[1]),
+            rate_bpd=self.cumulative_rate_bpd,
+            distortion_rmse=self.distortion_rmse,
+            total_rate_bpd=float(self.rate_bpd.mean()),
+            total_distortion_bpd=float(self.decoder_bpd.mean()),
+        )
+
 
 @dataclass
 class RateDistortionOutput(BaseOutput):
@@ -172,9 +195,14 @@ class DDPMPaperPipeline(DDPMPipeline):
     paper's figures as methods.
 
     With no new arguments, `__call__` returns exactly what [`DDPMPipeline`] returns for the same generator.
-    It adds the initial noise `latents`, `callback_on_step_end` (a function, a [`PipelineCallback`] or
+    It adds the initial noise `latents`, a `start_timestep` to denoise a given x_t from (reconstruction and
+    interpolation use it), `callback_on_step_end` (a function, a [`PipelineCallback`] or
     [`MultiPipelineCallbacks`]), `output_type="latent"`, DDIM's `eta`, and input validation. Any diffusers
     scheduler can be swapped in: `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
+
+    Precision follows diffusers: `DDPMPaperPipeline.from_pretrained(folder, dtype=torch.bfloat16)` (or
+    `torch_dtype=`), or `pipe.to(torch.bfloat16)`, runs the network in bfloat16, while x_t, the noise and the
+    scheduler's step stay float32 and the bound's terms are float64 after the network.
 
     Sampling, the bound and the figures run the UNet in eval mode (dropout off), whatever mode the caller left it
     in; its mode is restored afterwards.
@@ -213,7 +241,9 @@ class DDPMPaperPipeline(DDPMPipeline):
         `custom_pipeline="pipeline_ddpm_paper", trust_remote_code=True`.
         """
         if kwargs.get("push_to_hub"):
-            raise ValueError("Save the folder first, then publish it with `ddpm push` (or `ddpm_plugin.hub.push`).")
+            raise ValueError(
+                "Save the folder first, then publish it with `ddpm push` (or `ddpm_plugin.hub.push_folder`)."
+            )
         super().save_pretrained(save_directory, safe_serialization=True, variant=variant, **kwargs)
         if not safe_serialization:
             warnings.warn(
@@ -260,6 +290,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         output_type: str,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str],
+        start_timestep: int | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
@@ -271,6 +302,8 @@ class DDPMPaperPipeline(DDPMPipeline):
         expected = self.image_shape(batch_size)
         if latents is not None and tuple(latents.shape) != expected:
             raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+        if start_timestep is not None and latents is None:
+            raise ValueError("`start_timestep` needs `latents`: the x_t to denoise from that step.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}.")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
@@ -296,9 +329,10 @@ class DDPMPaperPipeline(DDPMPipeline):
         eta: float = 0.0,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
+        start_timestep: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
-        Generate images by ancestral sampling from x_T ~ N(0, I) down to x_0.
+        Generate images by ancestral sampling from x_T ~ N(0, I), or from a given x_t, down to x_0.
 
         Args:
             batch_size (`int`, *optional*, defaults to 1):
@@ -313,7 +347,7 @@ class DDPMPaperPipeline(DDPMPipeline):
             return_dict (`bool`, *optional*, defaults to `True`):
                 Return an [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
             latents (`torch.Tensor` of shape `(batch_size, channels, height, width)`, *optional*):
-                The starting noise x_T. Drawn from `generator` when not given.
+                The starting noise x_T (x_t with `start_timestep`). Drawn from `generator` when not given.
             eta (`float`, *optional*, defaults to 0.0):
                 The DDIM stochasticity; passed only to schedulers whose `step` accepts it.
             callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*):
@@ -323,6 +357,10 @@ class DDPMPaperPipeline(DDPMPipeline):
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
                 Any of `_callback_tensor_inputs`: `"latents"` (x_{t-1}), `"model_output"` (eps_theta(x_t, t)) and
                 `"pred_original_sample"` (the predicted x_0).
+            start_timestep (`int`, *optional*):
+                Denoise `latents` as x_t from this step of the `num_inference_steps` schedule down to x_0 (the
+                schedule's `timesteps[t_start:]`, as in diffusers' image-to-image pipelines) instead of from x_T;
+                [`~DDPMPaperPipeline.schedule_timestep`] gives the step of a schedule at or below any t.
 
         Example:
 
@@ -346,24 +384,39 @@ class DDPMPaperPipeline(DDPMPipeline):
             output_type,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            start_timestep,
         )
         device = self._execution_device
+        # x_t, and with it the scheduler's step and noise, stays float32 when the network runs in half precision.
+        sample_dtype = torch.promote_types(self.unet.dtype, torch.float32)
 
-        # 1. x_T ~ N(0, I), drawn exactly as the stock pipeline draws it.
-        if latents is None:
-            latents = randn_tensor(self.image_shape(batch_size), generator=generator, device=device, dtype=self.unet.dtype)
-        else:
-            latents = latents.to(device=device, dtype=self.unet.dtype)
+        # 1. The schedule: all of it, or from `start_timestep` on (img2img's `timesteps[t_start:]`).
         self.scheduler.set_timesteps(num_inference_steps)
-        self._num_timesteps = len(self.scheduler.timesteps)
+        timesteps = self.scheduler.timesteps
+        if start_timestep is not None:
+            t_start = torch.nonzero(timesteps == start_timestep).flatten()
+            if len(t_start) == 0:
+                raise ValueError(
+                    f"`start_timestep` must be a step of the {num_inference_steps}-step schedule (see "
+                    f"`schedule_timestep`), got {start_timestep!r}."
+                )
+            timesteps = timesteps[int(t_start[0]) :]
+        self._num_timesteps = len(timesteps)
         step_kwargs = {"generator": generator}
         if "eta" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["eta"] = eta
 
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            # 2. eps_theta(x_t, t).
-            model_output = self.unet(latents, t).sample
-            # 3. x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-alpha_bar_t) eps_theta) + sigma_t z (Eq. 11).
+        # 2. x_T ~ N(0, I), drawn exactly as the stock pipeline draws it, unless x_T (or x_t) is given.
+        if latents is None:
+            latents = randn_tensor(self.image_shape(batch_size), generator=generator, device=device, dtype=sample_dtype)
+        else:
+            latents = latents.to(device=device, dtype=sample_dtype)
+
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            # 3. eps_theta(x_t, t), in the network's precision.
+            model_output = self.unet(latents.to(self.unet.dtype), t).sample.to(sample_dtype)
+            # 4. x_{t-1} ~ p_theta(x_{t-1} | x_t): x_0 from eps_theta (Eq. 15), clipped, then the posterior mean
+            #    mu~_t(x_t, x_0) (Eq. 7) plus sigma_t z.
             step = self.scheduler.step(model_output, t, latents, **step_kwargs)
             latents = step.prev_sample
             if callback_on_step_end is not None:
@@ -395,7 +448,6 @@ class DDPMPaperPipeline(DDPMPipeline):
 
     # --- Paper figures. ---
 
-    @torch.no_grad()
     def progressive_generation(
         self,
         batch_size: int = 1,
@@ -417,7 +469,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         Returns:
             [`ProgressiveGenerationOutput`]: the final images and the snapshots, NHWC in [0, 1].
         """
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"`every` must be a positive integer, got {every!r}.")
         x_t, pred_x0, timesteps = [], [], []
 
@@ -495,51 +547,19 @@ class DDPMPaperPipeline(DDPMPipeline):
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         if isinstance(generator, list):
             raise ValueError("`generator` must be a single `torch.Generator` for `bits_per_dim`.")
-        variance_type = check_variance_type(self.scheduler.config.get("variance_type"))
-        diffusion, device = self.diffusion, self._execution_device
-        x_start_all = self.preprocess(images)
-        num_images, num_timesteps = x_start_all.shape[0], diffusion.num_timesteps
-        terms_bpd = np.zeros((num_images, num_timesteps))
-        x_start_mse = np.zeros((num_images, num_timesteps))
-        prior = np.zeros(num_images)
-        images_per_pass = min(num_images, batch_size)
-        timesteps_per_pass = max(1, batch_size // images_per_pass)
-        num_passes = -(-num_images // images_per_pass) * -(-num_timesteps // timesteps_per_pass)
-
-        with self.progress_bar(total=num_passes) as progress_bar:
-            for start in range(0, num_images, images_per_pass):
-                x_start = x_start_all[start : start + images_per_pass]
-                stop = start + x_start.shape[0]
-                prior[start:stop] = prior_bpd(diffusion, x_start.double()).cpu().numpy()
-                for t_stop in range(num_timesteps, 0, -timesteps_per_pass):
-                    # 1. (image, t) pairs of this pass, t-major: [k * n] with k timesteps and n images.
-                    timesteps = torch.arange(max(t_stop - timesteps_per_pass, 0), t_stop, device=device)
-                    t = timesteps.repeat_interleave(x_start.shape[0])
-                    x_start_kn = x_start.repeat(timesteps.shape[0], 1, 1, 1)
-                    # 2. x_t ~ q(x_t | x_0) (Eq. 4) and eps_theta(x_t, t).
-                    noise = randn_tensor(x_start_kn.shape, generator=generator, device=device, dtype=torch.float32)
-                    x_t = q_sample(diffusion, x_start_kn, t, noise)
-                    model_output = self.unet(x_t.to(self.unet.dtype), t).sample
-                    # 3. L_t (KL to the posterior, or the decoder at t = 0) and the x_0 error.
-                    term_bpd, pred_x_start = vb_terms_bpd(
-                        diffusion, variance_type, model_output=model_output, x_start=x_start_kn, x_t=x_t, t=t
-                    )
-                    mse = mean_flat((pred_x_start - x_start_kn.double()) ** 2)
-                    columns = timesteps.cpu().numpy()
-                    terms_bpd[start:stop, columns] = term_bpd.reshape(len(columns), -1).T.cpu().numpy()
-                    x_start_mse[start:stop, columns] = mse.reshape(len(columns), -1).T.cpu().numpy()
-                    progress_bar.update()
-
-        return BitsPerDimOutput(
-            total_bpd=terms_bpd.sum(axis=1) + prior,
-            terms_bpd=terms_bpd,
-            prior_bpd=prior,
-            decoder_bpd=terms_bpd[:, 0].copy(),
-            rate_bpd=terms_bpd[:, 1:].sum(axis=1) + prior,
-            x_start_mse=x_start_mse,
-            cumulative_rate_bpd=cumulative_rate_bpd(terms_bpd, prior).mean(axis=0),
-            distortion_rmse=distortion_rmse(x_start_mse),
+        config = self.scheduler.config
+        variance_type = check_variance_type(config.get("variance_type"))
+        terms = calc_bpd_loop(
+            lambda x_t, t: self.unet(x_t.to(self.unet.dtype), t).sample,
+            self.diffusion,
+            variance_type,
+            self.preprocess(images),
+            batch_size=batch_size,
+            generator=generator,
+            progress_bar=self.progress_bar,
+            clip_range=clip_range_of(config),
         )
+        return BitsPerDimOutput.from_terms(terms)
 
     def rate_distortion(
         self,
@@ -548,7 +568,8 @@ class DDPMPaperPipeline(DDPMPipeline):
         generator: torch.Generator | None = None,
     ) -> RateDistortionOutput:
         r"""
-        The rate-distortion curve of 8-bit images (paper Fig. 5, Table 4), from one [`~DDPMPaperPipeline.bits_per_dim`] pass.
+        The rate-distortion curve of 8-bit images (paper Fig. 5, Table 4): `bits_per_dim(...).rate_distortion()`.
+        With the bound wanted too, call [`~DDPMPaperPipeline.bits_per_dim`] and its output's `rate_distortion()`.
 
         Args:
             images (`np.ndarray`, `torch.Tensor` or `list[PIL.Image]`): uint8 images, as for `bits_per_dim`.
@@ -558,44 +579,20 @@ class DDPMPaperPipeline(DDPMPipeline):
         Returns:
             [`RateDistortionOutput`]: rate (bits/dim) and distortion (RMSE, 0..255) at each t, and the totals.
         """
-        bound = self.bits_per_dim(images, batch_size=batch_size, generator=generator)
-        return RateDistortionOutput(
-            timesteps=np.arange(bound.terms_bpd.shape[1]),
-            rate_bpd=bound.cumulative_rate_bpd,
-            distortion_rmse=bound.distortion_rmse,
-            total_rate_bpd=float(bound.rate_bpd.mean()),
-            total_distortion_bpd=float(bound.decoder_bpd.mean()),
-        )
+        return self.bits_per_dim(images, batch_size=batch_size, generator=generator).rate_distortion()
 
     def schedule_timestep(self, timestep: int, num_inference_steps: int) -> int:
-        """The latest step of the `num_inference_steps` sampling schedule at or before `timestep` (0..T-1)."""
+        """The latest step of the `num_inference_steps` sampling schedule at or before `timestep` (0..T-1). It asks
+        a copy of the scheduler: `self.scheduler` keeps its own timesteps."""
         num_timesteps = self.scheduler.config.num_train_timesteps
         if not isinstance(timestep, (int, np.integer)) or not 0 <= timestep < num_timesteps:
             raise ValueError(f"`timestep` must be an integer in 0..{num_timesteps - 1}, got {timestep!r}.")
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_timesteps:
             raise ValueError(f"`num_inference_steps` must be an integer in 1..{num_timesteps}, got {num_inference_steps!r}.")
-        self.scheduler.set_timesteps(num_inference_steps)
-        return int(self.scheduler.timesteps[self.scheduler.timesteps <= timestep].max())
+        schedule = type(self.scheduler).from_config(self.scheduler.config)
+        schedule.set_timesteps(num_inference_steps)
+        return int(schedule.timesteps[schedule.timesteps <= timestep].max())
 
-    @torch.no_grad()
-    @unet_in_eval_mode
-    def denoise_from(
-        self,
-        x_t: torch.Tensor,
-        timestep: int,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int | None = None,
-    ) -> torch.Tensor:
-        """Run the scheduler's reverse process from x_t at `timestep` (a step of the `num_inference_steps` schedule,
-        all T by default) down to x_0: Algorithm 2 started at step t."""
-        self.scheduler.set_timesteps(num_inference_steps or self.scheduler.config.num_train_timesteps)
-        latents = x_t.to(self.unet.dtype)
-        for t in self.progress_bar(self.scheduler.timesteps[self.scheduler.timesteps <= timestep]):
-            model_output = self.unet(latents, t).sample
-            latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
-        return latents
-
-    @torch.no_grad()
     def reconstruct(
         self,
         images: np.ndarray | torch.Tensor | list,
@@ -626,15 +623,20 @@ class DDPMPaperPipeline(DDPMPipeline):
         t = torch.full((x_start.shape[0],), timestep, device=x_start.device)
         noise = randn_tensor(x_start.shape, generator=generator, device=x_start.device, dtype=torch.float32)
         x_t = q_sample(self.diffusion, x_start, t, noise)
-        samples = self.denoise_from(x_t.repeat_interleave(num_samples, dim=0), timestep, generator, num_inference_steps)
-        images_out = self.postprocess(samples, "np")
+        images_out = self(
+            batch_size=x_t.shape[0] * num_samples,
+            generator=generator,
+            num_inference_steps=num_inference_steps,
+            output_type="np",
+            latents=x_t.repeat_interleave(num_samples, dim=0),
+            start_timestep=timestep,
+        ).images
         return ReconstructionOutput(
             x_t=self.postprocess(x_t, "np"),
             images=images_out.reshape(x_start.shape[0], num_samples, *images_out.shape[1:]),
             timestep=timestep,
         )
 
-    @torch.no_grad()
     def interpolate(
         self,
         image_a: np.ndarray | torch.Tensor,
@@ -677,5 +679,12 @@ class DDPMPaperPipeline(DDPMPipeline):
         # 3. Decode every lambda with the same reverse-process noise: one identically seeded generator each.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(len(lambdas))]
-        images = self.postprocess(self.denoise_from(latents, timestep, generators, num_inference_steps), "np")
+        images = self(
+            batch_size=len(lambdas),
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            output_type="np",
+            latents=latents,
+            start_timestep=timestep,
+        ).images
         return InterpolationOutput(images=images, lambdas=lambdas, timestep=timestep)

@@ -96,7 +96,7 @@ def test_rate_distortion_figure_has_the_three_panels_of_fig_5(test_output_dir):
                                  total_rate_bpd=1.78, total_distortion_bpd=1.97)
     figure = plot_rate_distortion(curve)
     assert len(figure.axes) == 3
-    assert "3.75 bits/dim" in figure._suptitle.get_text()
+    assert "3.75 bits/dim" in figure.get_suptitle()
     path = save_figure(figure, test_output_dir / "figure_rate_distortion.png")
     assert Image.open(path).size[0] > 1000
 

@@ -1,5 +1,6 @@
-"""diffusers' pipeline conventions, one test each: callback tensor inputs and callback objects, `output_type="latent"`,
-pickled and variant weights as `save_pretrained` writes them, `from_pretrained`'s arguments, and eval mode."""
+"""diffusers' pipeline conventions, one test each: callback tensor inputs and callback objects, input checks before any
+work, `output_type="latent"`, pickled and variant weights as `save_pretrained` writes them, `from_pretrained`'s
+arguments, and eval mode."""
 
 import inspect
 import json
@@ -8,11 +9,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from conftest import TINY_UNET, live_weights_
-from ddpm_plugin import DDPMPaperPipeline, PaperUNet2DModel, paper_scheduler
+from ddpm_plugin import DDPMPaperPipeline
 
 
 class RecordLatents(PipelineCallback):
@@ -83,6 +83,16 @@ def test_multi_pipeline_callbacks_run_in_order_and_replace_latents(tiny_pipeline
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 1001}, "num_inference_steps"),
+        ({"batch_size": 2, "latents": torch.randn(2, 3, 8, 8)}, "latents"),
+        ({"batch_size": 3, "generator": [torch.Generator(), torch.Generator()]}, "generator"),
+        ({"output_type": "jpeg"}, "output_type"),
+        ({"callback_on_step_end_tensor_inputs": ["noise"]}, "callback_on_step_end_tensor_inputs"),
+        ({"start_timestep": 500}, "`start_timestep` needs `latents`"),
+        ({"start_timestep": 550, "latents": torch.zeros(1, 1, 8, 8)}, "`start_timestep` must be a step of the 2-step"),
+        ({"start_timestep": 1000, "latents": torch.zeros(1, 1, 8, 8)}, "`start_timestep` must be a step"),
         ({"callback_on_step_end": AskForNoise()}, "callback_on_step_end_tensor_inputs"),
         ({"callback_on_step_end": MultiPipelineCallbacks([RecordLatents(), AskForNoise()])},
          "callback_on_step_end_tensor_inputs"),
@@ -91,11 +101,11 @@ def test_multi_pipeline_callbacks_run_in_order_and_replace_latents(tiny_pipeline
         ({"callback_on_step_end": "latents"}, "callback_on_step_end"),
     ],
 )
-def test_bad_callbacks_are_refused_before_sampling(tiny_pipeline, kwargs, message):
+def test_bad_arguments_are_refused_before_sampling(tiny_pipeline, kwargs, message):
     calls = []
     tiny_pipeline.unet.register_forward_hook(lambda *args: calls.append(1))
     with pytest.raises(ValueError, match=message):
-        tiny_pipeline(num_inference_steps=2, **kwargs)
+        tiny_pipeline(**{"num_inference_steps": 2, **kwargs})
     assert not calls
 
 
@@ -150,11 +160,12 @@ def test_from_pretrained_has_the_stock_signature_and_passes_arguments_on(tiny_pi
         DDPMPaperPipeline.from_pretrained(tiny_pipeline_dir, variant="fp16")
 
 
-def make_dropout_pipeline() -> DDPMPaperPipeline:
-    """A tiny pipeline whose UNet has dropout 0.5 and is left in training mode, as a user may build it."""
-    torch.manual_seed(0)
-    unet = live_weights_(PaperUNet2DModel.from_preset("digits", **TINY_UNET, dropout=0.5)).train()
-    pipe = DDPMPaperPipeline(unet=unet, scheduler=paper_scheduler("digits"))
+@pytest.fixture
+def dropout_pipeline(tiny_pipeline) -> DDPMPaperPipeline:
+    """The tiny pipeline's network with dropout 0.5, left in training mode, as a user may build it."""
+    unet = UNet2DModel.from_config({**tiny_pipeline.unet.config, "dropout": 0.5})
+    unet.load_state_dict(tiny_pipeline.unet.state_dict())
+    pipe = DDPMPaperPipeline(unet=unet.train(), scheduler=tiny_pipeline.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -179,17 +190,17 @@ UNET_METHODS = {
 }
 
 
-def test_dropout_is_live_in_training_mode():
+def test_dropout_is_live_in_training_mode(dropout_pipeline):
     # The premise of the eval-mode test: this network's dropout changes its output in training mode.
-    unet = make_dropout_pipeline().unet
+    unet = dropout_pipeline.unet
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
     with torch.no_grad():
         assert not torch.equal(unet(x, t).sample, unet(x, t).sample)
 
 
 @pytest.mark.parametrize("method", sorted(UNET_METHODS))
-def test_pipeline_runs_the_unet_in_eval_mode_and_restores_the_callers_modes(method):
-    pipe = make_dropout_pipeline()
+def test_pipeline_runs_the_unet_in_eval_mode_and_restores_the_callers_modes(dropout_pipeline, method):
+    pipe = dropout_pipeline
     pipe.unet.mid_block.eval()  # a mixed state, to be given back as it was
     modes = {name: module.training for name, module in pipe.unet.named_modules()}
     first, second = UNET_METHODS[method](pipe), UNET_METHODS[method](pipe)
@@ -198,8 +209,8 @@ def test_pipeline_runs_the_unet_in_eval_mode_and_restores_the_callers_modes(meth
     assert pipe.unet.training and not pipe.unet.mid_block.training
 
 
-def test_callers_modes_are_restored_when_a_call_fails():
-    pipe = make_dropout_pipeline()
+def test_callers_modes_are_restored_when_a_call_fails(dropout_pipeline):
+    pipe = dropout_pipeline
     with pytest.raises(ValueError, match="batch_size"):
         pipe(batch_size=0)
     assert all(module.training for module in pipe.unet.modules())

@@ -1,8 +1,14 @@
+"""The paper's scheduler, the one allow-list of `DDPMScheduler` settings, and the float64 coefficients."""
+
+import inspect
+
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from ddpm_plugin import GaussianDiffusion, paper_scheduler
+from ddpm_plugin.pipelines.gaussian_diffusion import SCHEDULER_OPTIONS
 
 
 def test_paper_scheduler_matches_the_paper():
@@ -33,9 +39,70 @@ def test_paper_scheduler_rejects_invalid_overrides(overrides, message):
 
 
 def test_paper_scheduler_accepts_valid_overrides():
-    scheduler = paper_scheduler("digits", variance_type="fixed_small", num_train_timesteps=500, clip_sample=False)
+    scheduler = paper_scheduler("digits", variance_type="fixed_small", num_train_timesteps=500, clip_sample=False,
+                                timestep_spacing="trailing", steps_offset=1)
     assert scheduler.config.variance_type == "fixed_small" and scheduler.config.num_train_timesteps == 500
     assert not scheduler.config.clip_sample
+    assert (scheduler.config.timestep_spacing, scheduler.config.steps_offset) == ("trailing", 1)
+
+
+# --- One allow-list for paper_scheduler and GaussianDiffusion.from_config. ---
+
+
+def test_allow_list_names_every_ddpm_scheduler_argument():
+    # A diffusers release that adds a `DDPMScheduler` argument fails here until the argument is modelled or refused.
+    assert set(SCHEDULER_OPTIONS) == set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+
+
+# Settings diffusers' scheduler would follow while training, the bound and the NumPy sampler would not.
+UNMODELLED = [
+    ({"rescale_betas_zero_snr": True}, "`rescale_betas_zero_snr` must be one of \\[False\\], got True"),
+    ({"thresholding": True}, "`thresholding` must be one of \\[False\\], got True"),
+    ({"prediction_type": "v_prediction"}, "`prediction_type` must be one of \\['epsilon'\\]"),
+    ({"prediction_type": "sample"}, "`prediction_type` must be one of"),
+    ({"variance_type": "learned_range"}, "`variance_type` must be one of"),
+    ({"variance_type": "learned"}, "`variance_type` must be one of"),
+    ({"variance_type": "fixed_large_log"}, "`variance_type` must be one of"),
+    ({"beta_schedule": "sigmoid"}, "`beta_schedule` must be one of"),
+    ({"clip_sample_range": 0.0}, "`clip_sample_range` must be positive"),
+    ({"steps_offset": -1}, "`steps_offset` must be a non-negative integer"),
+    ({"trained_betas": [0.5, 1.5]}, "every beta_t must lie in \\(0, 1\\)"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", UNMODELLED)
+def test_paper_scheduler_refuses_what_only_diffusers_would_follow(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        paper_scheduler("cifar10", **overrides)
+
+
+@pytest.mark.parametrize("overrides, message", UNMODELLED)
+def test_float64_schedule_refuses_the_same_configurations(overrides, message):
+    # As a saved folder or a swapped-in scheduler brings them: training, the bound and ONNX Runtime sampling all
+    # build their schedule through `GaussianDiffusion.from_config`.
+    config = {**paper_scheduler("cifar10").config, **overrides}
+    with pytest.raises(ValueError, match=message):
+        GaussianDiffusion.from_config(config)
+
+
+def test_fixed_large_log_is_refused_because_diffusers_samples_nan():
+    scheduler = DDPMScheduler(variance_type="fixed_large_log")
+    scheduler.set_timesteps(10)
+    x_t = torch.ones(1, 1, 2, 2)
+    assert torch.isnan(scheduler.step(torch.zeros_like(x_t), 900, x_t, generator=torch.manual_seed(0)).prev_sample).all()
+
+
+def test_float64_schedule_accepts_a_swapped_in_ddim_configuration():
+    ddim = DDIMScheduler.from_config(paper_scheduler("cifar10").config)
+    assert "set_alpha_to_one" in ddim.config  # a DDIM setting the NumPy sampler reads itself
+    np.testing.assert_array_equal(GaussianDiffusion.from_config(ddim.config).betas,
+                                  GaussianDiffusion.from_config(paper_scheduler("cifar10").config).betas)
+
+
+def test_bound_refuses_a_pipeline_whose_scheduler_thresholds(tiny_pipeline):
+    tiny_pipeline.scheduler = DDPMScheduler.from_config(tiny_pipeline.scheduler.config, thresholding=True)
+    with pytest.raises(ValueError, match="`thresholding` must be one of"):
+        tiny_pipeline.bits_per_dim(np.zeros((1, 8, 8), dtype=np.uint8))
 
 
 def test_paper_scheduler_rejects_unknown_preset():

@@ -11,7 +11,6 @@ from diffusers import ConfigMixin, DDPMScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from conftest import make_tiny_pipeline
 from evaluation_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from ddpm_plugin import DDPMPaperPipeline, GaussianDiffusion, paper_scheduler
 from ddpm_plugin.pipelines.variational_bound import (
@@ -178,8 +177,8 @@ def test_exact_model_with_fixed_large_pays_the_variance_mismatch_in_closed_form(
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
-def test_bound_pieces_sum_to_the_total(variance_type):
-    pipe = make_tiny_pipeline()
+def test_bound_pieces_sum_to_the_total(tiny_pipeline, variance_type):
+    pipe = tiny_pipeline
     pipe.scheduler = paper_scheduler_with(variance_type)
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
     out = pipe.bits_per_dim(images, batch_size=100, generator=torch.manual_seed(0))
