@@ -523,8 +523,8 @@ def resolve_export_folder(path: str | os.PathLike) -> Path:
 
 
 def model_file_in(folder: Path, model_file: Any) -> Path:
-    """The model `ddpm_onnx.json` names, which must lie in the export folder (no `..`, no absolute path, no
-    symbolic link out of it): an export never loads a network from elsewhere."""
+    """The model `ddpm_onnx.json` names, which must lie in the export folder (no `..`, no absolute path): an export
+    never loads a network from elsewhere."""
     if not isinstance(model_file, str) or not _lies_in(folder, model_file):
         raise OnnxModelError(
             f"{folder / METADATA_FILE} names the model {model_file!r}, which lies outside the export folder "
@@ -571,9 +571,10 @@ def _varint(data: Any, offset: int) -> tuple[int, int]:
 
 
 def _lies_in(folder: Path, name: str) -> bool:
-    """Whether the file `name` of `folder`, with every symbolic link followed, is inside `folder` (an absolute
-    `name` never is)."""
-    return not Path(name).is_absolute() and (folder / name).resolve().is_relative_to(folder.resolve())
+    """Whether the file `name` of `folder` is inside `folder` by its name: relative, and no `..` leads out. Symbolic
+    links are not followed: the Hugging Face cache keeps every file of a snapshot as a link into its blob store."""
+    normal = os.path.normpath(name)
+    return not Path(name).is_absolute() and normal != ".." and not normal.startswith(".." + os.sep)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
