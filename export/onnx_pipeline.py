@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ddpm_plugin.images import to_uint8
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion, VarianceType
 
+from .freshness import check_export_fresh
 from .providers import CUDA, ProviderSpec, resolve_providers, session_options
 
 MODEL_FILE = "model.onnx"
@@ -236,6 +237,7 @@ class OnnxDDPMPipeline:
             `FileNotFoundError`: a file of the folder is missing.
             [`OnnxModelError`]: the model is truncated or corrupt, does not fit the metadata, or uses an opset
             this onnxruntime cannot run.
+            [`StaleExportError`]: the export sits in a pipeline folder whose weights changed since it was made.
         """
         folder = resolve_export_folder(path)
         metadata = _read_json(folder / METADATA_FILE)
@@ -244,6 +246,7 @@ class OnnxDDPMPipeline:
                 f"{folder / METADATA_FILE} has format_version {metadata.get('format_version')!r}; this "
                 f"ddpm-plugin reads version {FORMAT_VERSION}. Re-export with `ddpm export`."
             )
+        check_export_fresh(folder, metadata)
         scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
         model_path = model_file_in(folder, metadata.get("model_file", MODEL_FILE))
         if not model_path.is_file():
