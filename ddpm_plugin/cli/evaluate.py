@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Measure a pipeline as the paper does and write a JSON report (top-level bits_per_dim, fid, "
                     "inception_score) and PNG figures beside it.",
     )
-    parser.add_argument("--model", help="pipeline folder (default: the model of --samples, else the bundled digits model)")
+    parser.add_argument("--model", help="pipeline folder (default: the model of --samples, else the bundled MNIST model)")
     parser.add_argument("--samples", help="a `ddpm sample --output-dir` folder: FID/IS score its images instead of sampling")
     parser.add_argument("--fid-stats", help="FID reference statistics (.npz of mu and sigma): read when the file exists, "
                                             "else computed from --dataset and saved there")
