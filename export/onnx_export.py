@@ -8,9 +8,16 @@ OUT/
 │                                   #   output `noise_pred` float32 [B, C, H, W]; B is dynamic
 ├── model.onnx.data                 # only when the exporter writes the weights as external data (> 2 GB)
 ├── scheduler/scheduler_config.json # copied from the pipeline folder (the training schedule)
-└── ddpm_onnx.json                  # metadata: format, sample_size, in_channels, opset, fp16, max_abs_error,
-                                    #   tolerance, preset (or null), source_model, ddpm_plugin_version, ...
+└── ddpm_onnx.json                  # metadata: format, sample_size, in_channels, opset, precision, fp16,
+                                    #   max_abs_error, tolerance, preset (or null), source_model, ...
 ```
+
+`precision` is `"fp32"`, `"fp16"` (`fp16=True`: float16 weights and activations, for GPUs) or `"int8"`
+(`quantize=Int8Settings(...)`, `ddpm export --quantize int8`: a static QDQ graph calibrated on x_t across the
+whole t range, see `ddpm_plugin.export.quantize`). An int8 export's `max_abs_error` is that of the float32 graph
+it was quantized from; its `quality` entry is what the int8 graph was held to instead: the relative rise of the
+eps error over the float32 graph on held-out x_t, within `quality.budget`, and `quantization` says what was
+quantized and calibrated on what. Inputs and outputs are float32 in every precision.
 
 A pipeline folder may carry its export in an `onnx/` sub-folder (`ddpm export --model DIR --output DIR/onnx`);
 the demo and the Hub publisher look there. [`OnnxDDPMPipeline`] loads such a folder without torch.
@@ -34,12 +41,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .freshness import WEIGHTS_NAME, weights_sha256
 from .onnx_pipeline import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, SCHEDULER_CONFIG
+
+if TYPE_CHECKING:
+    from .quantize import Int8Settings
 
 INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAME = "noise_pred"
@@ -68,10 +78,14 @@ class OnnxExportReport:
         opset (`int`): The ONNX opset of the model.
         exporter (`str`): `"dynamo"` or `"torchscript"`.
         fp16 (`bool`): Whether the weights and activations are float16 (inputs and outputs stay float32).
-        max_abs_error (`float`): Max |eps_onnx - eps_torch| over the validation inputs.
+        precision (`str`): `"fp32"`, `"fp16"` or `"int8"`.
+        max_abs_error (`float`): Max |eps_onnx - eps_torch| over the validation inputs (of the float32 graph,
+            for an int8 export).
         tolerance (`float`): The bound `max_abs_error` was checked against.
         preset (`str` or `None`): The `ddpm_plugin.PRESETS` name whose architecture the UNet has, if any.
         export_seconds (`float`): Wall time of export plus validation.
+        quality (`dict`, *optional*): For an int8 export, its measured quality against the float32 graph
+            (`QuantizationQuality.as_dict()`).
     """
 
     output_dir: Path
@@ -83,6 +97,8 @@ class OnnxExportReport:
     tolerance: float
     preset: str | None
     export_seconds: float
+    precision: str = "fp32"
+    quality: dict[str, Any] | None = None
 
 
 def epsilon_model(unet: Any, fp16: bool) -> Any:
@@ -137,6 +153,7 @@ def export_onnx(
     tolerance: float | None = None,
     validation_batch_size: int = 3,
     seed: int | None = None,
+    quantize: "Int8Settings | None" = None,
 ) -> OnnxExportReport:
     r"""
     Export the UNet of the pipeline in `model_dir` to `output_dir/model.onnx`, validate it, write the folder.
@@ -159,12 +176,17 @@ def export_onnx(
             Batch size of the validation inputs; differs from the traced batch so the batch axis is tested.
         seed (`int`, *optional*):
             Seed of the validation inputs; fresh random inputs when None.
+        quantize ([`Int8Settings`], *optional*):
+            Write a static int8 graph instead (`ddpm_plugin.export.quantize`): the float32 graph is exported and
+            validated as above, then quantized, calibrated on x_t from `quantize.calibration_data` (default: the
+            training data set named in `model_dir/training_config.json`), and held to `quantize.budget`.
 
     Returns:
         [`OnnxExportReport`]: paths, opset, the measured max abs error and the tolerance.
 
     Raises:
-        `OnnxValidationError`: the export disagrees with PyTorch beyond `tolerance`. Nothing is left behind
+        `OnnxValidationError`: the export disagrees with PyTorch beyond `tolerance`, or the int8 graph's quality
+        is outside its budget. Nothing is left behind
         when an export fails: a folder it created is removed, and an earlier export in `output_dir` is kept.
     """
     import torch
@@ -177,6 +199,9 @@ def export_onnx(
     opset = DEFAULT_OPSET.get(exporter, 0) if opset is None else int(opset)
     tolerance = DEFAULT_TOLERANCE[fp16] if tolerance is None else float(tolerance)
     check_export_arguments(exporter, opset, tolerance)
+    if fp16 and quantize is not None:
+        raise ValueError("choose one precision: fp16 or int8 quantization, not both.")
+    precision = "int8" if quantize is not None else "fp16" if fp16 else "fp32"
     scheduler_config = model_dir / SCHEDULER_CONFIG
     weights = model_dir / "unet" / WEIGHTS_NAME
     if not weights.is_file() or not scheduler_config.is_file():
@@ -188,6 +213,8 @@ def export_onnx(
     if not isinstance(sample_size, int):
         raise ValueError(f"only square UNets are supported, got `sample_size` {sample_size!r}.")
     image_shape = (unet.config.in_channels, sample_size, sample_size)
+    if quantize is not None:  # the data are read before any work, so a bad data set fails fast
+        quantize, calibration_images = _calibration_images(model_dir, image_shape, quantize)
     reference = epsilon_model(UNet2DModel.from_config(unet.config).eval(), fp16=False)
     reference.unet.load_state_dict(unet.state_dict())
 
@@ -205,6 +232,8 @@ def export_onnx(
                 f"the ONNX model disagrees with PyTorch: max |eps_onnx - eps_torch| = {max_abs_error:.3g} exceeds "
                 f"the tolerance {tolerance:.3g} (opset {opset}, {exporter} exporter, fp16={fp16})."
             )
+        if quantize is not None:
+            quantization, quality = _quantize(model_path, calibration_images, scheduler_config, quantize)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -221,6 +250,7 @@ def export_onnx(
         "in_channels": unet.config.in_channels,
         "opset": opset,
         "exporter": exporter,
+        "precision": precision,
         "fp16": fp16,
         "max_abs_error": max_abs_error,
         "tolerance": tolerance,
@@ -230,12 +260,56 @@ def export_onnx(
         "ddpm_plugin_version": ddpm_plugin.__version__,
         "torch_version": torch.__version__,
     }
+    if quantize is not None:
+        metadata.update(quantization=quantization, quality=quality.as_dict())
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     _replace_folder(staging, output_dir)
     return OnnxExportReport(
         output_dir=output_dir, model_path=output_dir / MODEL_FILE, opset=opset, exporter=exporter, fp16=fp16,
         max_abs_error=max_abs_error, tolerance=tolerance, preset=preset, export_seconds=time.perf_counter() - started,
+        precision=precision, quality=quality.as_dict() if quantize is not None else None,
     )
+
+
+def _calibration_images(model_dir: Path, image_shape: tuple[int, int, int], settings: "Int8Settings") -> tuple["Int8Settings", np.ndarray]:
+    """The settings with their data set resolved (the pipeline's training data by default), and its images."""
+    from dataclasses import replace
+
+    from ddpm_plugin.evaluation import dataset_images
+
+    dataset = settings.calibration_data
+    if dataset is None:
+        training_config = model_dir / "training_config.json"
+        if training_config.is_file():
+            dataset = json.loads(training_config.read_text()).get("dataset")
+        if not dataset:
+            raise ValueError(
+                f"int8 calibration needs the training images: {model_dir} names no data set in training_config.json, "
+                "so pass one (--calibration-data digits|mnist|FOLDER|FILE.npz|HF_NAME)."
+            )
+    images, _ = dataset_images(dataset, image_shape, None, seed=settings.seed)
+    return replace(settings, calibration_data=dataset), images
+
+
+def _quantize(
+    model_path: Path, images: np.ndarray, scheduler_config: Path, settings: "Int8Settings"
+) -> tuple[dict[str, Any], Any]:
+    """Replace the validated float32 graph at `model_path` by its int8 graph, if that keeps within the budget."""
+    from .quantize import LAYER_GROUPS, quantize_and_measure
+
+    int8_path = model_path.with_name("model.int8.onnx")
+    record, quality = quantize_and_measure(
+        model_path, int8_path, images, json.loads(scheduler_config.read_text()), settings
+    )
+    if not quality.within_budget:
+        raise OnnxValidationError(
+            f"the int8 graph raises the eps error (Eq. 12-weighted, {quality.num_inputs} held-out x_t) by "
+            f"{quality.bound_rise:.2%} over the float32 graph, beyond the budget {quality.budget:.2%} "
+            f"(float32 kept for {list(settings.keep_float) or 'no layer group'}); keep more of the layer groups "
+            f"{', '.join(LAYER_GROUPS)} in float32 (--keep-float) or export float32."
+        )
+    os.replace(int8_path, model_path)
+    return record, quality
 
 
 def _replace_folder(staging: Path, output_dir: Path) -> None:

@@ -35,6 +35,7 @@ def test_export_writes_the_documented_folder(export_report, tiny_pipeline_dir):
     assert metadata["exporter"] == export_report.exporter
     assert metadata["opset"] == export_report.opset == {"dynamo": 18, "torchscript": 17}[export_report.exporter]
     assert metadata["fp16"] is False and metadata["max_abs_error"] == export_report.max_abs_error
+    assert metadata["precision"] == export_report.precision == "fp32" and "quality" not in metadata
     assert metadata["source_model"] == str(tiny_pipeline_dir.resolve())
     assert metadata["source_weights_sha256"] == weights_sha256(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert metadata["ddpm_plugin_version"]
@@ -88,6 +89,11 @@ def test_export_over_the_tolerance_leaves_nothing_and_keeps_an_earlier_export(ti
     (["--tolerance", "0"], "must be a positive number"),
     (["--tolerance", "-1"], "must be a positive number"),
     (["--tolerance", "nan"], "must be a positive number"),
+    (["--quantize", "int8", "--keep-float", "conv_in,decoder"], "unknown layer group(s) decoder"),
+    (["--quantize", "int8", "--quality-budget", "0"], "must be a fraction in (0, 1]"),
+    (["--quantize", "int8", "--calibration-inputs", "0"], "must be a whole number >= 1"),
+    (["--quantize", "int8", "--fp16"], "not allowed with argument"),
+    (["--keep-float", "conv_in"], "only apply with --quantize int8"),
 ])
 def test_refused_export_settings_get_one_line_and_write_nothing(flags, message, tiny_pipeline_dir, tmp_path):
     result = subprocess.run(
@@ -123,6 +129,10 @@ def test_an_export_is_stale_once_its_pipeline_is_retrained(tiny_pipeline_dir, ti
     tiny_pipeline_factory(seed=1).save_pretrained(pipeline)  # retrained: other weights in the same folder
     with pytest.raises(StaleExportError, match="re-export it: ddpm export"):
         check_export_fresh(report.output_dir, metadata)
+    from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
+
+    with pytest.raises(StaleExportError, match="retrained after the export"):  # the sampler refuses it too
+        OnnxDDPMPipeline.from_pretrained(pipeline, provider="cpu")
     moved = tmp_path / "moved-onnx"
     shutil.copytree(report.output_dir, moved)  # an export without its source folder cannot be checked
     check_export_fresh(moved, json.loads((moved / "ddpm_onnx.json").read_text()))
@@ -149,3 +159,4 @@ def test_fp16_export_keeps_float32_inputs_and_outputs(tiny_pipeline_dir, tmp_pat
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
     assert report.fp16 and report.max_abs_error <= report.tolerance == 5e-2
+    assert json.loads((report.output_dir / "ddpm_onnx.json").read_text())["precision"] == report.precision == "fp16"
