@@ -376,16 +376,8 @@ class DDPMPaperPipeline(DDPMPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(
-            batch_size,
-            num_inference_steps,
-            generator,
-            latents,
-            output_type,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            start_timestep,
-        )
+        self.check_inputs(batch_size, num_inference_steps, generator, latents, output_type, callback_on_step_end,
+                          callback_on_step_end_tensor_inputs, start_timestep)
         device = self._execution_device
         # x_t, and with it the scheduler's step and noise, stays float32 when the network runs in half precision.
         sample_dtype = torch.promote_types(self.unet.dtype, torch.float32)
@@ -481,12 +473,8 @@ class DDPMPaperPipeline(DDPMPipeline):
             return {}
 
         images = self(
-            batch_size=batch_size,
-            generator=generator,
-            num_inference_steps=num_inference_steps,
-            output_type="np",
-            latents=latents,
-            callback_on_step_end=keep_snapshot,
+            batch_size=batch_size, generator=generator, num_inference_steps=num_inference_steps, output_type="np",
+            latents=latents, callback_on_step_end=keep_snapshot,
             callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
         ).images
         return ProgressiveGenerationOutput(
@@ -550,13 +538,8 @@ class DDPMPaperPipeline(DDPMPipeline):
         config = self.scheduler.config
         variance_type = check_variance_type(config.get("variance_type"))
         terms = calc_bpd_loop(
-            lambda x_t, t: self.unet(x_t.to(self.unet.dtype), t).sample,
-            self.diffusion,
-            variance_type,
-            self.preprocess(images),
-            batch_size=batch_size,
-            generator=generator,
-            progress_bar=self.progress_bar,
+            lambda x_t, t: self.unet(x_t.to(self.unet.dtype), t).sample, self.diffusion, variance_type,
+            self.preprocess(images), batch_size=batch_size, generator=generator, progress_bar=self.progress_bar,
             clip_range=clip_range_of(config),
         )
         return BitsPerDimOutput.from_terms(terms)
@@ -624,12 +607,8 @@ class DDPMPaperPipeline(DDPMPipeline):
         noise = randn_tensor(x_start.shape, generator=generator, device=x_start.device, dtype=torch.float32)
         x_t = q_sample(self.diffusion, x_start, t, noise)
         images_out = self(
-            batch_size=x_t.shape[0] * num_samples,
-            generator=generator,
-            num_inference_steps=num_inference_steps,
-            output_type="np",
-            latents=x_t.repeat_interleave(num_samples, dim=0),
-            start_timestep=timestep,
+            batch_size=x_t.shape[0] * num_samples, generator=generator, num_inference_steps=num_inference_steps,
+            output_type="np", latents=x_t.repeat_interleave(num_samples, dim=0), start_timestep=timestep,
         ).images
         return ReconstructionOutput(
             x_t=self.postprocess(x_t, "np"),
@@ -680,11 +659,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(len(lambdas))]
         images = self(
-            batch_size=len(lambdas),
-            generator=generators,
-            num_inference_steps=num_inference_steps,
-            output_type="np",
-            latents=latents,
-            start_timestep=timestep,
+            batch_size=len(lambdas), generator=generators, num_inference_steps=num_inference_steps, output_type="np",
+            latents=latents, start_timestep=timestep,
         ).images
         return InterpolationOutput(images=images, lambdas=lambdas, timestep=timestep)

@@ -4,9 +4,10 @@
       = KL(q(x_T|x_0) || N(0, I)) + sum_t KL(q(x_{t-1}|x_t, x_0) || p_theta(x_{t-1}|x_t)) - log p_theta(x_0|x_1)
 
 Every term is averaged over the dimensions of an image and divided by ln 2 where it is computed. The model's
-x_0 prediction is clipped as the sampler clips it (to [-1, 1] in the paper), the decoder L_0 is a Gaussian discretized into the
-256 bins of 8-bit data (Sec. 3.3), and the schedule coefficients are the float64 arrays of `GaussianDiffusion`.
-The math here runs in float64 after the network, whatever precision the network itself runs in.
+x_0 prediction is clipped as the sampler clips it (to [-1, 1] in the paper), the decoder L_0 is a Gaussian
+discretized into the 256 bins of 8-bit data (Sec. 3.3), and the schedule coefficients are the float64 arrays of
+`GaussianDiffusion`. The math runs in float64 after the network, whatever precision the network runs in.
+`calc_bpd_loop` evaluates every term of a set of images, batching (image, t) pairs through the network.
 
 Index convention (as `GaussianDiffusion`): t = 0..T-1 is paper step t+1, so t = 0 is the decoder term L_0.
 This file imports only NumPy, torch and its siblings: it is copied beside a saved pipeline.
