@@ -161,7 +161,7 @@ def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    sample = load_sampler(args.worker, Path(args.model), args.batch_size, args.steps, args.threads, args.paper_bf16)
+    sample = load_sampler(args.worker, Path(args.pipeline), args.batch_size, args.steps, args.threads, args.paper_bf16)
     begin = time.perf_counter()
     sample()  # the cold run: first-call allocations, oneDNN primitive creation, ORT's arena
     first_run = time.perf_counter() - begin
@@ -238,7 +238,7 @@ def run_roofline_worker(args: argparse.Namespace) -> None:
         [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]), helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
         [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     session = ort.InferenceSession(model.SerializeToString(), session_options(args.threads), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {"a": rng.integers(0, 255, (n, n), dtype=np.uint8), "b": rng.integers(-127, 127, (n, n), dtype=np.int8)}
@@ -305,7 +305,7 @@ def prepare_model(model: str, folder: Path, int8_budget: float | None) -> tuple[
 
 
 def measure_case(case: Case, model: Path, threads: int, repeats: int, paper_bf16: str) -> dict[str, dict]:
-    arguments = ["--model", str(model), "--batch-size", str(case.batch_size), "--steps", str(case.num_inference_steps),
+    arguments = ["--pipeline", str(model), "--batch-size", str(case.batch_size), "--steps", str(case.num_inference_steps),
                  "--threads", str(threads), "--paper-bf16", paper_bf16]
     workers = {backend: Worker(backend, arguments) for backend in BACKENDS}  # loaded one at a time
     runs: dict[str, list[dict]] = {backend: [] for backend in BACKENDS}
@@ -364,6 +364,7 @@ def main() -> None:
     parser.add_argument("--int8-budget", type=float, default=None,
                         help="quality budget of the int8 exports of trained models (default: ddpm export's)")
     parser.add_argument("--worker", choices=(*BACKENDS, "roofline"), help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--process-started", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -395,7 +396,8 @@ def main() -> None:
             path, gflop = models[case.model]
             results = measure_case(case, path, threads, args.repeats, args.paper_bf16)
             for backend, result in results.items():
-                print(f"# {case} {backend}: ms/step {result['wall'].scaled(1000 / case.num_inference_steps)}", flush=True)
+                step = result["wall"].scaled(1000 / case.num_inference_steps)
+                print(f"# {case} {backend}: {step.minimum:.2f} / {step.median:.2f} / {step.maximum:.2f} ms/step", flush=True)
             rows.extend(table_rows(case, results, gflop, roofline))
     print_report(rows, threads, before, roofline, args)
 
