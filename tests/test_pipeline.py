@@ -160,7 +160,7 @@ def test_bf16_loaded_with_dtype_samples_close_to_fp32(tiny_pipeline_dir):
     expected = fp32(generator=torch.manual_seed(1), **kwargs).images
     actual = bf16(generator=torch.manual_seed(1), **kwargs).images
     assert actual.dtype == torch.float32
-    torch.testing.assert_close(actual, expected, atol=0.2, rtol=0)
+    torch.testing.assert_close(actual, expected, atol=0.05, rtol=0)  # measured: 0.026 max on the [-1, 1] scale
 
 
 def test_bf16_bound_stays_close_to_fp32_with_float64_terms(tiny_pipeline_factory):

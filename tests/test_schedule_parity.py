@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ddpm_plugin import DDPMPaperPipeline, GaussianDiffusion, paper_scheduler
+from ddpm_plugin.export.onnx_export import export_onnx
+from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
 from ddpm_plugin.pipelines.variational_bound import clip_range_of, p_mean_log_variance
-
-ort = pytest.importorskip("onnxruntime")  # the NumPy sampler's extra
 
 # One entry per accepted value that differs from the paper's (the paper's own configuration comes first).
 MODELLED = {
@@ -36,9 +36,6 @@ CLIP_OPTIONS = ["paper", "no_clip", "clip_0.5"]
 @pytest.fixture(scope="module")
 def onnx_session(tiny_pipeline_dir, tmp_path_factory):
     """The tiny network on ONNX Runtime, and the metadata of its export."""
-    from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
-    from ddpm_plugin.export.onnx_export import export_onnx
-
     folder = export_onnx(tiny_pipeline_dir, tmp_path_factory.mktemp("onnx") / "onnx", seed=0).output_dir
     pipe = OnnxDDPMPipeline.from_pretrained(folder, provider="cpu", num_threads=1)
     return pipe.session, pipe.metadata
@@ -53,9 +50,6 @@ def replayed_torch_noise(seed: int) -> SimpleNamespace:
 
 @pytest.mark.parametrize("name", list(MODELLED))
 def test_numpy_sampler_matches_pytorch_sampling_for_every_accepted_setting(tiny_pipeline_dir, onnx_session, name):
-    from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
-
-    torch.set_num_threads(1)
     scheduler = paper_scheduler("digits", **MODELLED[name])
     torch_pipe = DDPMPaperPipeline.from_pretrained(tiny_pipeline_dir, scheduler=scheduler)
     torch_pipe.set_progress_bar_config(disable=True)
