@@ -79,10 +79,10 @@ def resolve_providers(provider: ProviderSpec = "auto") -> list:
     available = ort.get_available_providers()
     for entry in providers:
         name = entry[0] if isinstance(entry, (tuple, list)) else entry
+        if name == CUDA and not check_cuda().usable:  # also on a CPU-only build: the reason says which
+            raise ValueError(f"`provider` asks for {CUDA}, but CUDA is not usable here: {check_cuda().reason}.")
         if name not in available:
             raise ValueError(f"`provider` {name!r} is not available in onnxruntime {ort.__version__}; available: {available}.")
-        if name == CUDA and not check_cuda().usable:
-            raise ValueError(f"`provider` asks for {CUDA}, but CUDA is not usable here: {check_cuda().reason}.")
     return providers
 
 
