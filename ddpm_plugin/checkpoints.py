@@ -20,7 +20,6 @@ or extra files), and `load_latest_checkpoint` then falls back to the one before 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .export.freshness import file_sha256
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMP_PREFIX = ".tmp-"
@@ -117,14 +118,6 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 # --- Writing. ---
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json(path: Path, value: Any) -> None:
     with open(path, "w") as file:
         json.dump(value, file, indent=1)
@@ -202,7 +195,7 @@ def _write_checkpoint_files(temp: Path, step: int, model: dict[str, torch.Tensor
     files = sorted(p.name for p in temp.iterdir())
     for name in files:
         _fsync(temp / name)
-    _write_json(temp / MANIFEST, {name: _sha256(temp / name) for name in files})
+    _write_json(temp / MANIFEST, {name: file_sha256(temp / name) for name in files})
     _fsync(temp / MANIFEST)
 
 
@@ -272,7 +265,7 @@ def _verify_manifest(path: Path) -> None:
         file = path / name
         if not file.is_file():
             raise CorruptCheckpointError(f"{path}: {name} is missing.")
-        if _sha256(file) != expected:
+        if file_sha256(file) != expected:
             raise CorruptCheckpointError(f"{path}: {name} does not match its checksum (truncated or altered).")
 
 

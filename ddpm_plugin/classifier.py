@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checkpoints import match_json_permissions
 
 CLASSIFIER_DIR = Path(__file__).parent / "bundled" / "mnist-classifier"
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
@@ -86,7 +87,7 @@ def save_classifier(model: DigitClassifier, folder: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(model.config, indent=1) + "\n")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
-    shutil.copymode(folder / CONFIG_FILE, folder / WEIGHTS_FILE)  # safetensors writes owner-only files
+    match_json_permissions(folder)
 
 
 def load_classifier(folder: str | os.PathLike = CLASSIFIER_DIR) -> DigitClassifier:

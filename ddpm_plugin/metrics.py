@@ -32,7 +32,7 @@ from typing import Iterable, Literal
 import numpy as np
 import torch
 
-from .export.freshness import weights_sha256
+from .export.freshness import file_sha256
 
 # The paper's sample count for FID and IS (Table 1).
 DEFAULT_NUM_SAMPLES = 50_000
@@ -86,7 +86,7 @@ class TorchScriptInception(torch.nn.Module):
                 f"{INCEPTION_WEIGHTS_URL.rsplit('/', 1)[1]}, downloaded whole from {INCEPTION_WEIGHTS_URL}."
             ) from None
         self.output = output
-        self.name = f"TorchScript {os.path.basename(path)} sha256:{weights_sha256(path)[:16]}"
+        self.name = f"TorchScript {os.path.basename(path)} sha256:{file_sha256(path)[:16]}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:

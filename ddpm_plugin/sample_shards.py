@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from .export.freshness import weights_sha256
+from .export.freshness import file_sha256
 from .sampling import Backend, ImageSampler, Sampler, load_image_sampler
 
 MANIFEST = "manifest.json"
@@ -105,7 +105,7 @@ def network_sha256(model: str | os.PathLike, backend: Backend) -> str:
         files = sorted(Path(model, "unet").glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model} holds no network weights for the {backend} backend.")
-    return hashlib.sha256("".join(weights_sha256(path) for path in files).encode()).hexdigest()
+    return hashlib.sha256("".join(file_sha256(path) for path in files).encode()).hexdigest()
 
 
 def shard_path(output_dir: Path, shard: int) -> Path:

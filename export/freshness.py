@@ -19,8 +19,8 @@ class StaleExportError(ValueError):
     """The export was made from other weights than its pipeline folder holds now."""
 
 
-def weights_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a weights file, read in 1 MiB blocks."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -49,7 +49,7 @@ def check_export_fresh(export_dir: str | os.PathLike, metadata: dict[str, Any]) 
     weights = source_weights(export_dir, metadata)
     if recorded is None or weights is None:
         return
-    if weights_sha256(weights) != recorded:
+    if file_sha256(weights) != recorded:
         raise StaleExportError(
             f"the ONNX export in {export_dir} was made from other weights than {weights} holds now (the model was "
             f"retrained after the export); re-export it: ddpm export --model {weights.parent.parent} --output {export_dir}"

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .freshness import WEIGHTS_NAME, weights_sha256
+from .freshness import WEIGHTS_NAME, file_sha256
 from .onnx_pipeline import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, SCHEDULER_CONFIG
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ def export_onnx(
         "tolerance": tolerance,
         "preset": preset,
         "source_model": _source_model(model_dir, output_dir),
-        "source_weights_sha256": weights_sha256(weights),
+        "source_weights_sha256": file_sha256(weights),
         "ddpm_plugin_version": ddpm_plugin.__version__,
         "torch_version": torch.__version__,
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ddpm_plugin import DDPMPaperPipeline, PaperUNet2DModel, paper_scheduler
-from ddpm_plugin.checkpoints import load_checkpoint, load_latest_checkpoint
+from ddpm_plugin.checkpoints import load_checkpoint, load_latest_checkpoint, match_json_permissions
 from ddpm_plugin.export.coefficients import write_coefficients
 from ddpm_plugin.export.onnx_export import export_onnx
 
@@ -39,7 +39,7 @@ def main() -> None:
     config = checkpoint.trainer_state["config"]
     unet = PaperUNet2DModel.from_preset(config["preset"], dropout=config["dropout"])
     unet.load_state_dict(checkpoint.ema)
-    unet = unet.half().float().eval()  # the float16-rounded weights, shipped and exported alike
+    unet = unet.half().eval()  # float16 on disk; loaded as float32, the export is made from these very weights
 
     target = BUNDLED / args.name
     shutil.rmtree(target, ignore_errors=True)
@@ -47,8 +47,7 @@ def main() -> None:
     pipe.save_pretrained(target)
     for stray in target.glob("*.py"):  # a bundled model is loaded by the installed package, not as remote code
         stray.unlink()
-    unet.half().save_pretrained(target / "unet")
-    shutil.copymode(target / "unet" / "config.json", target / "unet" / "diffusion_pytorch_model.safetensors")
+    match_json_permissions(target)
     (target / "training_config.json").write_text(json.dumps({**config, "output_dir": str(run)}, indent=1) + "\n")
     summary = {"step": checkpoint.step, "checkpoint": checkpoint.path.name, "images_seen": checkpoint.step * config["batch_size"],
                "wall_minutes": args.wall_minutes, "command": args.command}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from ddpm_plugin.export.freshness import StaleExportError, check_export_fresh, weights_sha256
+from ddpm_plugin.export.freshness import StaleExportError, check_export_fresh, file_sha256
 from ddpm_plugin.export.onnx_export import OnnxValidationError, detect_preset, export_onnx
 
 
@@ -37,7 +37,7 @@ def test_export_writes_the_documented_folder(export_report, tiny_pipeline_dir):
     assert metadata["fp16"] is False and metadata["max_abs_error"] == export_report.max_abs_error
     assert metadata["precision"] == export_report.precision == "fp32" and "quality" not in metadata
     assert metadata["source_model"] == str(tiny_pipeline_dir.resolve())
-    assert metadata["source_weights_sha256"] == weights_sha256(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert metadata["source_weights_sha256"] == file_sha256(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert metadata["ddpm_plugin_version"]
 
 
