@@ -344,6 +344,7 @@ def test_forty_clients_with_bombs_and_junk_all_answered_and_memory_stays_bounded
     attacks.generate(url, "pipeline", backend=backend)  # warm-up: both model endpoints once
     attacks.bits_per_dim_of_upload(url, "pipeline", attacks.small_picture(seed=99))
     idle_rss = peak_rss = server.memory_info().rss
+    logged = demo_server.log.stat().st_size  # earlier tests' refused attacks may have logged gradio's own refusal
     plan = load_plan(url, backend, bomb)
     done = threading.Event()
 
@@ -401,7 +402,7 @@ def test_forty_clients_with_bombs_and_junk_all_answered_and_memory_stays_bounded
     )
     (test_output_dir / "demo_load.md").write_text(table)
     print("\n" + table)
-    assert "Traceback" not in demo_server.log.read_text()
+    assert "Traceback" not in demo_server.log.read_text()[logged:]
 
 
 @pytest.mark.browser
