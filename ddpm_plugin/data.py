@@ -1,10 +1,10 @@
 """Training images: scikit-learn's digits, a folder of images, an `.npz` with an `images` array, or a Hugging Face
 `datasets` name or local path.
 
-Every source yields uint8 tensors `[C, H, W]`; `to_model_range` maps them to [-1, 1] as x / 127.5 - 1 (the
-official code's scaling). Every image is decoded once before training starts, and a bad item is reported with
-the file (or dataset row) it came from, so a run never dies hours in on one broken image; should a file change
-under a running job, the error it raises (`DataError`) still names it.
+Every source yields uint8 tensors `[C, H, W]`; `pipelines.diffusion_ops.to_model_range` maps them to [-1, 1] as
+x / 127.5 - 1 (the official code's scaling). Every image is decoded once before training starts, and a bad item
+is reported with the file (or dataset row) it came from, so a run never dies hours in on one broken image;
+should a file change under a running job, the error it raises (`DataError`) still names it.
 """
 
 from __future__ import annotations
@@ -86,11 +86,6 @@ class HFImageDataset:
             return _pil_to_tensor(self.dataset[int(index)][self.column], self.channels, self.pad)
         except Exception as error:
             raise DataError(f"{self.source} row {index}: unreadable image ({error}).") from error
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels {0..255} to float32 in [-1, 1]: x / 127.5 - 1."""
-    return images.float() / 127.5 - 1.0
 
 
 def load_image_dataset(dataset: str, image_size: int, channels: int) -> ImageDataset:

@@ -34,6 +34,7 @@ from .metrics import DEFAULT_NUM_SAMPLES, FidStatistics, ImageMetrics
 from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline, RateDistortionOutput
 from .sample_shards import iter_sample_batches, read_manifest
 from .sampling import ImageSampler, TorchImageSampler, with_scheduler
+from .vocabulary import Sampler
 
 EVALUATION_METRICS = ("bpd", "rd", "fid", "is")
 # Steps t of the interpolation rows (Fig. 9 uses 0..1000 in steps of 250).
@@ -55,7 +56,7 @@ class EvaluationConfig:
     fid_stats: str | None = None  # FID reference statistics (.npz of mu, sigma): read if it exists, else computed and saved
     batch_size: int = 64  # UNet inputs per pass
     num_inference_steps: int = 1000  # sampling steps of the FID/IS samples
-    scheduler: str = "ddpm"  # sampler of the FID/IS samples: ddpm or ddim
+    scheduler: Sampler = "ddpm"  # sampler of the FID/IS samples: ddpm or ddim
     seed: int = 0  # the test subset, the bound's noise, the samples
     output: str = "report.json"  # the JSON report
     figures_dir: str | None = None  # PNG figures (default: the report's folder)
@@ -116,11 +117,7 @@ def generate_samples(sampler: ImageSampler, num_samples: int, batch_size: int) -
 def bound_report(pipe: DDPMPaperPipeline, images: np.ndarray, config: EvaluationConfig) -> tuple[dict[str, Any], RateDistortionOutput]:
     """The bits/dim entries of the report and the rate-distortion curve, from one pass."""
     bound = pipe.bits_per_dim(images, batch_size=config.batch_size, generator=torch.Generator().manual_seed(config.seed))
-    curve = RateDistortionOutput(
-        timesteps=np.arange(bound.terms_bpd.shape[1]), rate_bpd=bound.cumulative_rate_bpd,
-        distortion_rmse=bound.distortion_rmse, total_rate_bpd=float(bound.rate_bpd.mean()),
-        total_distortion_bpd=float(bound.decoder_bpd.mean()),
-    )
+    curve = bound.rate_distortion()
     report = {
         "bits_per_dim": float(bound.total_bpd.mean()),
         "bits_per_dim_sem": float(bound.total_bpd.std(ddof=1) / math.sqrt(len(images))) if len(images) > 1 else None,
@@ -132,8 +129,8 @@ def bound_report(pipe: DDPMPaperPipeline, images: np.ndarray, config: Evaluation
     }
     if "rd" in config.metrics:
         report["rate_distortion"] = {
-            "rate_bpd": bound.cumulative_rate_bpd.tolist(),
-            "distortion_rmse": bound.distortion_rmse.tolist(),
+            "rate_bpd": curve.rate_bpd.tolist(),
+            "distortion_rmse": curve.distortion_rmse.tolist(),
             "terms_bpd": bound.terms_bpd.mean(axis=0).tolist(),
         }
     return report, curve

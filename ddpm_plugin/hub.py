@@ -33,21 +33,21 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import __version__
-from .model_card import CUSTOM_PIPELINE, load_evaluation_report, load_training_config, model_card
+from .model_card import load_evaluation_report, load_training_config, model_card
+from .sampling import load_pipeline, sample_grid
+from .vocabulary import ONNX_METADATA_FILE, ONNX_MODEL_FILE, ONNX_SUBFOLDER, PIPELINE_MODULE, SCHEDULER_CONFIG
 
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"
-PIPELINE_CODE = f"{CUSTOM_PIPELINE}.py"
-ONNX_FOLDER = "onnx"
-ONNX_METADATA = "ddpm_onnx.json"
-ONNX_FILES = ("model.onnx", "model.onnx.data", ONNX_METADATA, "scheduler/scheduler_config.json")
+PIPELINE_CODE = f"{PIPELINE_MODULE}.py"
+ONNX_FILES = (ONNX_MODEL_FILE, f"{ONNX_MODEL_FILE}.data", ONNX_METADATA_FILE, SCHEDULER_CONFIG)
 DEFAULT_COMMIT_MESSAGE = f"Upload DDPM pipeline (ddpm-plugin {__version__})"
 GRID_IMAGES = 16  # samples in the card's grid
 GRID_TILE_PIXELS = 64  # small images are upscaled (nearest neighbour) to at least this size per sample
 # What may be uploaded, and what never is even if it matches (applied to repository paths with fnmatch).
 ALLOW_PATTERNS = (
     "model_index.json", "*.py", "*/config.json", "*/scheduler_config.json", "*/*.safetensors",
-    *(f"{ONNX_FOLDER}/{name}" for name in ONNX_FILES), GRID_FILE, CARD_FILE,
+    *(f"{ONNX_SUBFOLDER}/{name}" for name in ONNX_FILES), GRID_FILE, CARD_FILE,
 )
 IGNORE_PATTERNS = (
     "*checkpoint*", "*optimizer*", "*random_states*", "*.pt", "*.pth", "*.bin", "*.pkl",
@@ -129,11 +129,11 @@ def pipeline_files(model_dir: str | os.PathLike) -> dict[str, Path]:
             name.startswith(f"{component}/") and name.endswith(".safetensors") for name in files
         ):
             raise ValueError(f"{folder / component} has only pickled weights; re-save the pipeline (safetensors).")
-    onnx = folder / ONNX_FOLDER
+    onnx = folder / ONNX_SUBFOLDER
     if onnx.is_dir():
         if not (_inside(folder, onnx) / "model.onnx").is_file():
             raise FileNotFoundError(f"{onnx} has no model.onnx; re-export with `ddpm export`.")
-        files.update({f"{ONNX_FOLDER}/{name}": onnx / name for name in ONNX_FILES if (onnx / name).is_file()})
+        files.update({f"{ONNX_SUBFOLDER}/{name}": onnx / name for name in ONNX_FILES if (onnx / name).is_file()})
     publishable = {name: path for name, path in files.items() if is_publishable(name)}
     for path in publishable.values():
         if path.is_relative_to(folder):  # the installed pipeline code lives elsewhere, by design
@@ -155,7 +155,7 @@ def installed_pipeline_code() -> dict[str, Path]:
     """The installed `pipeline_ddpm_paper.py` and the sibling files it imports, as `save_pretrained` copies them."""
     from importlib.util import find_spec
 
-    source = Path(find_spec(f"ddpm_plugin.pipelines.{CUSTOM_PIPELINE}").origin)
+    source = Path(find_spec(f"ddpm_plugin.pipelines.{PIPELINE_MODULE}").origin)
     return _code_files(source, source.parent)
 
 
@@ -208,20 +208,6 @@ def skipped_files(model_dir: str | os.PathLike, published: Iterable[str]) -> lis
 
     walk(folder, "")
     return skipped
-
-
-def sample_grid(model_dir: str | os.PathLike, output: str | os.PathLike, num_inference_steps: int = 1000,
-                seed: int = 0) -> None:
-    """Sample `GRID_IMAGES` images with the paper sampler and save them as one PNG grid."""
-    import torch
-
-    from .images import make_grid
-    from .sampling import load_pipeline
-
-    pipe = load_pipeline(model_dir)
-    images = pipe(batch_size=GRID_IMAGES, generator=torch.manual_seed(seed), num_inference_steps=num_inference_steps,
-                  output_type="np").images
-    make_grid(images, scale=max(1, GRID_TILE_PIXELS // images.shape[1])).save(output)
 
 
 def build_hub_folder(
@@ -279,20 +265,20 @@ def build_hub_folder(
     for name, source in files.items():
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, output / name)
-    if f"{ONNX_FOLDER}/{ONNX_METADATA}" in files:
-        _point_onnx_metadata_at_repo(output / ONNX_FOLDER / ONNX_METADATA)
+    if f"{ONNX_SUBFOLDER}/{ONNX_METADATA_FILE}" in files:
+        _point_onnx_metadata_at_repo(output / ONNX_SUBFOLDER / ONNX_METADATA_FILE)
     if grid is not None:
         shutil.copyfile(grid, output / GRID_FILE)
         caption = f"Samples from this pipeline ({Path(grid).name})."
     else:
-        sample_grid(model_dir, output / GRID_FILE, num_inference_steps=grid_steps, seed=seed)
+        sample_grid(load_pipeline(model_dir), GRID_IMAGES, grid_steps, seed, GRID_TILE_PIXELS).save(output / GRID_FILE)
         caption = f"{GRID_IMAGES} samples, seed {seed}, {grid_steps} ancestral sampling steps (Algorithm 2)."
     card = model_card(
         model_dir, repo_id,
         report=report,
         training_config=load_training_config(model_dir),
         grid_file=GRID_FILE, grid_caption=caption,
-        has_onnx=any(name.startswith(f"{ONNX_FOLDER}/") for name in files),
+        has_onnx=any(name.startswith(f"{ONNX_SUBFOLDER}/") for name in files),
     )
     card.save(output / CARD_FILE)
     return sorted([*files, GRID_FILE, CARD_FILE])
@@ -383,6 +369,8 @@ def push_folder(
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
             if revision not in (None, "main"):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
+            # Not `upload_folder`: with hf_xet (installed with huggingface_hub) it commits in batches, so a failure
+            # can publish half a push; it cannot report what it deleted; and its delete_patterns lack ignore patterns.
             # Files of an earlier push that this one no longer has (an old ONNX export, say) would not match the
             # new weights: the commit deletes them. Files this module never publishes (a LICENSE, say) stay.
             stale = [path for path in api.list_repo_files(repo_id, revision=revision)

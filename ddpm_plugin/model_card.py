@@ -14,9 +14,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import __version__
+from .vocabulary import PIPELINE_MODULE
 
 PAPER_URL = "https://arxiv.org/abs/2006.11239"
-CUSTOM_PIPELINE = "pipeline_ddpm_paper"
 DEFAULT_LICENSE = "apache-2.0"
 # Where `ddpm train` and `ddpm evaluate` leave their records, relative to the pipeline folder (or its parent).
 TRAINING_CONFIG_FILES = ("training_config.json",)
@@ -253,7 +253,7 @@ image = pipe(num_inference_steps=1000).images[0]
 
 ### The paper pipeline from this repository (remote code)
 
-`{CUSTOM_PIPELINE}.py` and the files it imports are in this repository. With `trust_remote_code=True`
+`{PIPELINE_MODULE}.py` and the files it imports are in this repository. With `trust_remote_code=True`
 diffusers runs them and returns `DDPMPaperPipeline` (initial noise `latents`, step callbacks, progressive
 generation, bits/dim). Read the files before you trust them.
 
@@ -261,7 +261,7 @@ generation, bits/dim). Read the files before you trust them.
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained(
-    "{repo_id}", custom_pipeline="{CUSTOM_PIPELINE}", trust_remote_code=True
+    "{repo_id}", custom_pipeline="{PIPELINE_MODULE}", trust_remote_code=True
 )
 ```
 

@@ -8,12 +8,12 @@ paper's networks; `mnist` and `digits` are small networks of the same design for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from .vocabulary import PaperVarianceType
 
 if TYPE_CHECKING:  # diffusers imports torch: loaded only when a network is built
     from diffusers import UNet2DModel
-
-VarianceType = Literal["fixed_large", "fixed_small"]
 
 # Settings every preset shares, which reproduce the official network in diffusers' UNet2DModel:
 # sinusoidal embedding without the cos/sin flip and with shift 1, GroupNorm eps 1e-6, single-head
@@ -44,7 +44,7 @@ class Preset:
     channels: int  # image channels
     num_parameters: int  # exact count of UNet parameters (the paper's for cifar10/celebahq/lsun)
     unet_kwargs: dict[str, Any]
-    variance_type: VarianceType  # sigma_t^2 used for sampling: beta_t ("fixed_large") or beta_tilde_t
+    variance_type: PaperVarianceType  # sigma_t^2 used for sampling: beta_t ("fixed_large") or beta_tilde_t
     learning_rate: float  # Adam step size
     batch_size: int  # global batch size
     warmup_steps: int  # linear learning-rate warmup, then constant

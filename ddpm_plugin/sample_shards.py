@@ -32,7 +32,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .export.freshness import file_sha256
-from .sampling import Backend, ImageSampler, Sampler, load_image_sampler
+from .sampling import load_image_sampler
+from .vocabulary import Backend, Sampler
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

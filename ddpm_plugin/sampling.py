@@ -14,42 +14,53 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from PIL import Image
 
-from .images import to_uint8
+from .images import make_grid, to_uint8
+from .vocabulary import (
+    BACKENDS,
+    ONNX_METADATA_FILE,
+    ONNX_SUBFOLDER,
+    Backend,
+    Sampler,
+    VarianceType,
+    check_sampler,
+    check_steps,
+)
 
 if TYPE_CHECKING:
     from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
 
-Sampler = Literal["ddpm", "ddim"]
-Backend = Literal["onnxruntime", "pytorch"]
-BACKENDS: tuple[Backend, ...] = ("onnxruntime", "pytorch")
-SAMPLERS: tuple[Sampler, ...] = ("ddpm", "ddim")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and NumPy's SeedSequence both take 0..2**63-1
 
 
-def check_sampler(scheduler: str) -> None:
-    if scheduler not in SAMPLERS:
-        raise ValueError(f"`scheduler` must be 'ddpm' or 'ddim', got {scheduler!r}.")
+def with_scheduler(
+    pipe: "DDPMPaperPipeline", scheduler: Sampler, variance_type: VarianceType | None = None
+) -> "DDPMPaperPipeline":
+    """A pipeline sharing `pipe`'s network with a scheduler of its own, so that concurrent callers never change
+    each other's timesteps: the paper's `DDPMScheduler` (`"ddpm"`, with `variance_type` when given) or a
+    `DDIMScheduler` (`"ddim"`) of the same training schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler
 
-
-def with_scheduler(pipe: "DDPMPaperPipeline", scheduler: Sampler) -> "DDPMPaperPipeline":
-    """`pipe` with its paper `DDPMScheduler` (`"ddpm"`) or a `DDIMScheduler` of the same training schedule."""
     check_sampler(scheduler)
-    if scheduler == "ddpm":
-        return pipe
-    from diffusers import DDIMScheduler
-
-    ddim = type(pipe)(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
-    ddim.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return ddim
+    config = pipe.scheduler.config
+    if scheduler == "ddim":
+        new_scheduler = DDIMScheduler.from_config(config)
+    elif variance_type is not None:
+        new_scheduler = DDPMScheduler.from_config(config, variance_type=variance_type)
+    else:
+        new_scheduler = DDPMScheduler.from_config(config)
+    copy = type(pipe)(unet=pipe.unet, scheduler=new_scheduler)
+    copy.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return copy
 
 
 def load_pipeline(model: str | os.PathLike, scheduler: Sampler = "ddpm") -> "DDPMPaperPipeline":
     """`DDPMPaperPipeline` from a folder, with its paper `DDPMScheduler` or a `DDIMScheduler` of the same
-    training schedule."""
+    training schedule: the one loader of evaluation, the demo, `ddpm sample` and `ddpm push`."""
     from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
 
     check_sampler(scheduler)
@@ -57,14 +68,25 @@ def load_pipeline(model: str | os.PathLike, scheduler: Sampler = "ddpm") -> "DDP
         raise FileNotFoundError(f"{model} is not a pipeline folder (no model_index.json).")
     pipe = DDPMPaperPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(leave=False)
-    return with_scheduler(pipe, scheduler)
+    return pipe if scheduler == "ddpm" else with_scheduler(pipe, scheduler)
+
+
+def sample_grid(pipe: "DDPMPaperPipeline", num_images: int, num_inference_steps: int, seed: int = 0,
+                tile_pixels: int = 64) -> Image.Image:
+    """A grid of `num_images` samples of `pipe` from a fresh generator seeded with `seed` (no global RNG is
+    touched), each upscaled by nearest neighbour to at least `tile_pixels`: the picture of training logs and
+    model cards."""
+    import torch
+
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    images = pipe(batch_size=num_images, num_inference_steps=num_inference_steps, generator=generator,
+                  output_type="np").images
+    return make_grid(images, scale=max(1, tile_pixels // images.shape[1]))
 
 
 def default_backend(model: str | os.PathLike) -> Backend:
     """ONNX Runtime when the pipeline folder carries an export in `onnx/` (as `ddpm export` writes it), else PyTorch."""
-    from .export.onnx_pipeline import METADATA_FILE, ONNX_SUBFOLDER
-
-    return "onnxruntime" if (Path(model) / ONNX_SUBFOLDER / METADATA_FILE).is_file() else "pytorch"
+    return "onnxruntime" if (Path(model) / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file() else "pytorch"
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -195,11 +217,3 @@ def load_image_sampler(
     check_steps(num_inference_steps, pipe.diffusion.num_timesteps)
     return OnnxImageSampler(pipe, num_inference_steps, seed, scheduler, eta, progress_bar)
 
-
-def check_steps(num_inference_steps: int, num_train_timesteps: int) -> None:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not (
-        1 <= num_inference_steps <= num_train_timesteps
-    ):
-        raise ValueError(
-            f"`num_inference_steps` must be an integer in 1..{num_train_timesteps}, got {num_inference_steps!r}."
-        )

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Checkpoints are safetensors and JSON, not torch.save: loading a pickle can run arbitrary code.
 from .checkpoints import (
     Checkpoint,
     CheckpointWriteError,
@@ -48,16 +49,18 @@ from .checkpoints import (
     restore_rng_state,
     save_checkpoint,
 )
-from .data import DataError, ImageDataset, load_image_dataset, to_model_range
+from .data import DataError, ImageDataset, load_image_dataset
+# Hand-written EMA: diffusers' EMAModel ramps its decay up; the paper's decay (0.9999) is fixed from step 0.
 from .ema import ExponentialMovingAverage
-from .pipelines.diffusion_ops import q_sample
+from .pipelines.diffusion_ops import q_sample, to_model_range
 from .pipelines.gaussian_diffusion import GaussianDiffusion
 from .presets import PaperUNet2DModel, get_preset
+from .sampling import sample_grid
 from .training_config import RESUMABLE_CHANGES, ConfigError, TrainingConfig
+from .vocabulary import ONNX_SUBFOLDER
 
 PERMUTATION_SEED_OFFSET = 1_000_003  # keeps the data order's generator apart from the model-init seed
 RUN_ENTRIES = ("training_config.json", "checkpoints", "tensorboard", "samples", "pipeline")  # what a run writes
-ONNX_FOLDER = "onnx"  # where `ddpm export` puts a pipeline folder's export
 
 Log = Callable[[str], None]  # prints once, on the main process
 
@@ -188,23 +191,18 @@ def make_pipeline(unet: torch.nn.Module, preset: str):
     return pipe
 
 
-def sample_grid(unet: torch.nn.Module, config: TrainingConfig, step: int):
-    """A PIL grid of `num_sample_images` samples (fixed seed), leaving every global RNG untouched."""
-    from .images import make_grid
-
+def training_samples(unet: torch.nn.Module, config: TrainingConfig):
+    """A PIL grid of `num_sample_images` samples (seed 0), leaving every global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
-        images = make_pipeline(unet, config.preset)(
-            batch_size=config.num_sample_images, num_inference_steps=config.sample_inference_steps,
-            generator=torch.Generator(device=next(unet.parameters()).device).manual_seed(0), output_type="np",
-        ).images
-    return make_grid(images, scale=max(1, 64 // images.shape[1]))
+        return sample_grid(make_pipeline(unet, config.preset), config.num_sample_images,
+                           config.sample_inference_steps)
 
 
 def save_final_pipeline(unet: torch.nn.Module, ema: ExponentialMovingAverage, config: TrainingConfig, log: Log) -> Path:
     """OUTPUT/pipeline: the EMA weights as the pipeline's UNet, the raw weights as variant `non_ema`. An ONNX export
     left in it was made from other weights and is removed."""
     path = Path(config.output_dir) / "pipeline"
-    stale_export = path / ONNX_FOLDER
+    stale_export = path / ONNX_SUBFOLDER
     if stale_export.is_dir():
         shutil.rmtree(stale_export)
         log(f"removed {stale_export}: it was exported from earlier weights (export again with `ddpm export`)")
@@ -456,7 +454,7 @@ def log_checkpoint_sample(state: TrainingState, lr: float, grad_norm: torch.Tens
         state.save(accelerator, config, micro_batch)
 
     if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
-        grid = sample_grid(ema_copy(state.unet, state.ema), config, step)
+        grid = training_samples(ema_copy(state.unet, state.ema), config)
         (output / "samples").mkdir(exist_ok=True)
         grid.save(output / "samples" / f"step-{step:08d}.png")
         if config.log_with == "tensorboard":

@@ -47,6 +47,7 @@ from ddpm_plugin.demo.backends import (
     progression_picture,
 )
 from ddpm_plugin.demo.uploads import MAX_FILE_SIZE, UploadGuard, UploadStore, read_picture
+from ddpm_plugin.vocabulary import PAPER_VARIANCE_TYPES, SAMPLERS
 
 DDPM_STEPS = 1000  # the paper samples with all T steps
 DDIM_STEPS = 50
@@ -222,9 +223,9 @@ def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blo
                 with gr.Column(scale=1, min_width=280):
                     backend = Radio(_choices(BACKEND_LABELS, backends), value=backends[0], label="Backend",
                                     elem_id="backend")
-                    sampler = Radio(_choices(SAMPLER_LABELS, ("ddpm", "ddim")), value="ddpm", label="Sampler",
+                    sampler = Radio(_choices(SAMPLER_LABELS, SAMPLERS), value="ddpm", label="Sampler",
                                     elem_id="sampler")
-                    variance_type = Radio(_choices(VARIANCE_LABELS, ("fixed_large", "fixed_small")),
+                    variance_type = Radio(_choices(VARIANCE_LABELS, PAPER_VARIANCE_TYPES),
                                           value=default_variance, label="Variance σ²", elem_id="variance")
                     eta = Slider(0.0, 1.0, value=0.0, step=0.05, label="DDIM η (0 = deterministic)",
                                  visible=False, elem_id="eta")

@@ -18,22 +18,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from ddpm_plugin.images import make_grid, snapshot_grid, to_uint8
+from ddpm_plugin.images import SnapshotRecorder, evenly_spaced_steps, make_grid, snapshot_grid, to_uint8
+from ddpm_plugin.sampling import load_pipeline, with_scheduler
+from ddpm_plugin.vocabulary import BACKENDS, ONNX_METADATA_FILE, ONNX_SUBFOLDER, PAPER_VARIANCE_TYPES, SAMPLERS
 
 logger = logging.getLogger(__name__)
-
-Backend = Literal["onnxruntime", "pytorch"]
-Sampler = Literal["ddpm", "ddim"]
-VarianceType = Literal["fixed_large", "fixed_small"]
-
-BACKENDS: tuple[str, ...] = ("onnxruntime", "pytorch")
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
-VARIANCE_TYPES: tuple[str, ...] = ("fixed_large", "fixed_small")
 
 MAX_SEED = 2**31 - 1  # seeds are 0..MAX_SEED, the range every client's number widget can hold exactly
 MAX_IMAGES = 16  # default cap on images per request: bounds the memory one request can take
@@ -123,37 +117,24 @@ class Generation:
     seconds: float
 
 
-def to_image(sample: np.ndarray) -> np.ndarray:
-    """A batch x in [-1, 1] (NCHW) as NHWC images in [0, 1]."""
-    return np.clip(np.asarray(sample, dtype=np.float32) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-
-
-class ProgressionRecorder:
+class ProgressionRecorder(SnapshotRecorder):
     """The step callback of both backends: keeps x_t and the predicted x_0 at `NUM_SNAPSHOTS` evenly spaced
     steps, first and last included, and reports progress."""
 
-    def __init__(self, num_inference_steps: int, on_step: StepCallback | None = None):
-        count = min(NUM_SNAPSHOTS, num_inference_steps)
+    def __init__(self, num_inference_steps: int, on_step: StepCallback | None = None) -> None:
+        super().__init__(evenly_spaced_steps(num_inference_steps, NUM_SNAPSHOTS))
         self.num_inference_steps = num_inference_steps
-        self.snapshot_steps = set(np.linspace(0, num_inference_steps - 1, count).round().astype(int).tolist())
         self.on_step = on_step
-        self.x_t: list[np.ndarray] = []
-        self.pred_original_sample: list[np.ndarray] = []
-        self.timesteps: list[int] = []
 
     def __call__(self, i: int, t: int, x_t: np.ndarray, pred_original_sample: np.ndarray) -> None:
-        if i in self.snapshot_steps:
-            self.x_t.append(to_image(x_t))
-            self.pred_original_sample.append(to_image(pred_original_sample))
-            self.timesteps.append(int(t))
+        super().__call__(i, t, x_t, pred_original_sample)
         if self.on_step is not None:
             self.on_step(i + 1, self.num_inference_steps)
 
     def result(self, images: np.ndarray, seconds: float) -> Generation:
-        return Generation(
-            images=np.asarray(images, dtype=np.float32), x_t=np.stack(self.x_t),
-            pred_original_sample=np.stack(self.pred_original_sample), timesteps=self.timesteps, seconds=seconds,
-        )
+        x_t, pred_original_sample = self.stacked()
+        return Generation(images=np.asarray(images, dtype=np.float32), x_t=x_t,
+                          pred_original_sample=pred_original_sample, timesteps=self.timesteps, seconds=seconds)
 
 
 class DemoModel:
@@ -171,8 +152,6 @@ class DemoModel:
     def __init__(
         self, name: str, folder: Path, num_threads: int | None = None, onnx: bool = True, concurrency: int = 1
     ):
-        from ddpm_plugin.sampling import load_pipeline
-
         self.name, self.folder = name, folder
         self.torch_pipeline = load_pipeline(folder)
         config = self.torch_pipeline.scheduler.config
@@ -196,17 +175,15 @@ class DemoModel:
     def _onnx_folder(self) -> Path:
         """`folder/onnx` when the pipeline ships its export, else an export cached by the weights' hash."""
         from ddpm_plugin.export.onnx_export import export_onnx
-        from ddpm_plugin.export.onnx_pipeline import METADATA_FILE, ONNX_SUBFOLDER
-
         shipped = self.folder / ONNX_SUBFOLDER
-        if (shipped / METADATA_FILE).is_file():
+        if (shipped / ONNX_METADATA_FILE).is_file():
             return shipped
 
         # Keyed by what the export depends on: the network's files and the training schedule.
         digest = hashlib.sha256()
         for path in [*sorted((self.folder / "unet").iterdir()), self.folder / "scheduler" / "scheduler_config.json"]:
             digest.update(path.name.encode() + path.read_bytes())
-        cached = _cache_root() / "onnx" / digest.hexdigest()[:16]
+        cached = _cache_root() / ONNX_SUBFOLDER / digest.hexdigest()[:16]
         if not cached.is_dir():
             logger.info("exporting %s to ONNX in %s", self.folder, cached)
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -239,14 +216,6 @@ class DemoModel:
         finally:
             self._onnx_pipelines.put(pipe)
 
-    def _torch_pipeline(self, scheduler: Any = None) -> Any:
-        """A pipeline that shares the network but has its own scheduler, so that concurrent requests cannot
-        change each other's timesteps."""
-        from ddpm_plugin.pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
-
-        scheduler = scheduler or type(self.torch_pipeline.scheduler).from_config(self.torch_pipeline.scheduler.config)
-        return DDPMPaperPipeline(unet=self.torch_pipeline.unet, scheduler=scheduler)
-
     def sample(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
         """Run `request` (already checked) on its backend, feeding `recorder`; the images NHWC in [0, 1]."""
         if request.backend == "onnxruntime":
@@ -260,14 +229,8 @@ class DemoModel:
 
     def _sample_torch(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
         import torch
-        from diffusers import DDIMScheduler, DDPMScheduler
 
-        config = self.torch_pipeline.scheduler.config
-        if request.sampler == "ddim":
-            scheduler = DDIMScheduler.from_config(config)
-        else:
-            scheduler = DDPMScheduler.from_config(config, variance_type=request.variance_type)
-        pipe = self._torch_pipeline(scheduler)
+        pipe = with_scheduler(self.torch_pipeline, request.sampler, request.variance_type)
         pipe.set_progress_bar_config(disable=True)
 
         def on_step_end(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
@@ -284,7 +247,7 @@ class DemoModel:
         """Paper Fig. 8-9 on PyTorch: [`DDPMPaperPipeline.interpolate`] of two uint8 images at `timestep`."""
         import torch
 
-        return self._torch_pipeline().interpolate(
+        return with_scheduler(self.torch_pipeline, "ddpm").interpolate(
             image_a, image_b, timestep=timestep, lambdas=np.linspace(0.0, 1.0, num_lambdas),
             generator=torch.Generator().manual_seed(seed),
         )
@@ -293,7 +256,8 @@ class DemoModel:
         """The variational bound of one uint8 image, [`DDPMPaperPipeline.bits_per_dim`] on PyTorch."""
         import torch
 
-        return self._torch_pipeline().bits_per_dim(image[None], generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        return with_scheduler(self.torch_pipeline, "ddpm").bits_per_dim(image[None], generator=generator)
 
 
 def unique_names(folders: Sequence[Path]) -> list[str]:
@@ -379,7 +343,7 @@ class DemoEngine:
         if request.backend == "onnxruntime" and not model.has_onnx:
             raise ValueError(f"ONNX Runtime is not available for {model.name} ({model.onnx_problem}); use PyTorch.")
         _one_of("Sampler", request.sampler, SAMPLERS)
-        _one_of("Variance", request.variance_type, VARIANCE_TYPES)
+        _one_of("Variance", request.variance_type, PAPER_VARIANCE_TYPES)
         eta = request.eta
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
             raise ValueError(f"Eta must be a number in 0..1, got {shown(eta)}.")
@@ -433,7 +397,7 @@ class DemoEngine:
             },
             "backends": self.backends,
             "samplers": list(SAMPLERS),
-            "variance_types": list(VARIANCE_TYPES),
+            "variance_types": list(PAPER_VARIANCE_TYPES),
             "limits": {
                 "max_images": self.max_images, "max_steps": self.max_steps, "max_seed": MAX_SEED,
                 "max_lambdas": MAX_LAMBDAS,

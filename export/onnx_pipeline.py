@@ -26,22 +26,20 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from ddpm_plugin.images import to_uint8
-from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion, VarianceType
+from ddpm_plugin.images import SnapshotRecorder, every_k_steps, to_image, to_pil_images
+from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
+from ddpm_plugin.vocabulary import ONNX_METADATA_FILE as METADATA_FILE
+from ddpm_plugin.vocabulary import ONNX_MODEL_FILE as MODEL_FILE
+from ddpm_plugin.vocabulary import ONNX_SUBFOLDER, SCHEDULER_CONFIG, Sampler, VarianceType, check_sampler, check_steps
 
 from .freshness import check_export_fresh
 from .providers import CUDA, ProviderSpec, resolve_providers, session_options
 
-MODEL_FILE = "model.onnx"
-METADATA_FILE = "ddpm_onnx.json"
-SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
-ONNX_SUBFOLDER = "onnx"  # where a pipeline folder keeps its export
 FORMAT_VERSION = 1
 MAX_BOUND_BATCH_SIZES = 8  # buffers kept bound for this many batch sizes
 # `key: "location"` of an ONNX external data entry, as protobuf writes it (field 1, length 8), then the tag of
 # its value (field 2, length-delimited).
 EXTERNAL_LOCATION = b"\x0a\x08location\x12"
-Sampler = Literal["ddpm", "ddim"]
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
 
 
@@ -298,13 +296,8 @@ class OnnxDDPMPipeline:
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        max_steps = self.diffusion.num_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or not (
-            1 <= num_inference_steps <= max_steps
-        ):
-            raise ValueError(f"`num_inference_steps` must be an integer in 1..{max_steps}, got {num_inference_steps!r}.")
-        if scheduler not in ("ddpm", "ddim"):
-            raise ValueError(f"`scheduler` must be 'ddpm' or 'ddim', got {scheduler!r}.")
+        check_steps(num_inference_steps, self.diffusion.num_timesteps)
+        check_sampler(scheduler)
         if not eta >= 0.0:
             raise ValueError(f"`eta` must be >= 0, got {eta!r}.")
         if variance_type not in get_args(VarianceType):
@@ -404,8 +397,8 @@ class OnnxDDPMPipeline:
             if callback is not None:
                 callback(i, int(t), unet.sample.copy(), pred_original_sample.astype(np.float32))
 
-        images = self.postprocess(unet.sample)
-        return OnnxPipelineOutput(images=self.numpy_to_pil(images) if output_type == "pil" else images)
+        images = to_image(unet.sample)
+        return OnnxPipelineOutput(images=to_pil_images(images) if output_type == "pil" else images)
 
     def _clip(self, pred_original_sample: np.ndarray) -> np.ndarray:
         if self.scheduler_config.get("clip_sample", True):
@@ -483,31 +476,10 @@ class OnnxDDPMPipeline:
         """
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"`every` must be a positive integer, got {every!r}.")
-        x_t, pred_x0, timesteps = [], [], []
-
-        def keep_snapshot(i: int, t: int, sample: np.ndarray, pred_original_sample: np.ndarray) -> None:
-            if (i + 1) % every == 0 or i + 1 == num_inference_steps:
-                x_t.append(self.postprocess(sample))
-                pred_x0.append(self.postprocess(pred_original_sample))
-                timesteps.append(t)
-
+        snapshots = SnapshotRecorder(every_k_steps(num_inference_steps, every))
         kwargs["output_type"] = "np"
-        images = self(batch_size, num_inference_steps, callback=keep_snapshot, **kwargs).images
-        return OnnxProgressiveOutput(images, np.stack(x_t), np.stack(pred_x0), timesteps)
-
-    @staticmethod
-    def postprocess(sample: np.ndarray) -> np.ndarray:
-        """x in [-1, 1] (NCHW) to NHWC float32 in [0, 1]."""
-        return np.clip(sample / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
-
-    @staticmethod
-    def numpy_to_pil(images: np.ndarray) -> list:
-        from PIL import Image
-
-        pixels = to_uint8(images)
-        if pixels.shape[-1] == 1:
-            return [Image.fromarray(image[..., 0], mode="L") for image in pixels]
-        return [Image.fromarray(image) for image in pixels]
+        images = self(batch_size, num_inference_steps, callback=snapshots, **kwargs).images
+        return OnnxProgressiveOutput(images, *snapshots.stacked(), snapshots.timesteps)
 
 
 def resolve_export_folder(path: str | os.PathLike) -> Path:

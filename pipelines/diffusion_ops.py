@@ -12,6 +12,11 @@ import torch
 from .gaussian_diffusion import GaussianDiffusion
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels {0..255} to float32 x_0 in [-1, 1]: x / 127.5 - 1 (the data scaling of Sec. 3.3)."""
+    return images.float() / 127.5 - 1.0
+
+
 def extract(coef: np.ndarray, t: torch.Tensor, x_shape: torch.Size | tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """coef[t] as a [B, 1, 1, ...] tensor of `dtype` on t's device, for broadcasting against x [B, ...]."""
     assert t.ndim == 1 and t.shape[0] == x_shape[0], f"t must be [B] with B={x_shape[0]}, got {tuple(t.shape)}"

@@ -27,7 +27,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
 
-from .diffusion_ops import q_sample
+from .diffusion_ops import q_sample, to_model_range
 from .gaussian_diffusion import GaussianDiffusion
 from .variational_bound import (
     BoundTerms,
@@ -497,7 +497,7 @@ class DDPMPaperPipeline(DDPMPipeline):
                 f"`images` must have shape (N, {expected[2]}, {expected[3]}, {expected[1]}) for this model, "
                 f"got {tuple(images.shape)}."
             )
-        return (images.permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(self._execution_device)
+        return to_model_range(images.permute(0, 3, 1, 2)).to(self._execution_device)
 
     @torch.no_grad()
     @unet_in_eval_mode

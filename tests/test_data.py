@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_plugin.data import load_image_dataset, to_model_range
+from ddpm_plugin.data import load_image_dataset
+from ddpm_plugin.pipelines.diffusion_ops import to_model_range
 
 MNIST_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_train.npz"
 
@@ -117,7 +118,8 @@ def test_wrong_size_for_the_preset_fails(tmp_path):
 
 
 def test_hf_dataset_on_disk_finds_the_image_column(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     images = [Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)) for i in range(4)]
     table = datasets.Dataset.from_dict({"label": [0, 1, 2, 3], "picture_of_thing": images})
     table = table.cast_column("picture_of_thing", datasets.Image())
@@ -128,7 +130,8 @@ def test_hf_dataset_on_disk_finds_the_image_column(tmp_path):
 
 
 def test_hf_dataset_with_a_grayscale_row_in_rgb_data_names_the_row(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     images = [Image.new("RGB", (8, 8)), Image.new("L", (8, 8))]
     table = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
     table.save_to_disk(str(tmp_path / "saved"))

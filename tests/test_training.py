@@ -439,7 +439,8 @@ def test_gradient_accumulation_checks_every_micro_batch_for_nan(tmp_path):
 def test_gradient_accumulation_logs_the_mean_over_every_micro_batch(tmp_path):
     from accelerate.utils import set_seed
 
-    from ddpm_plugin.data import load_image_dataset, to_model_range
+    from ddpm_plugin.data import load_image_dataset
+    from ddpm_plugin.pipelines.diffusion_ops import to_model_range
     from ddpm_plugin.presets import PaperUNet2DModel
     from ddpm_plugin.training import training_loss
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ddpm_plugin.vocabulary import SAMPLERS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -24,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "paper, or all the images of --samples)")
     parser.add_argument("--batch-size", type=int, default=64, help="UNet inputs per pass")
     parser.add_argument("--steps", type=int, default=1000, help="sampling steps of the FID/IS samples (1..1000)")
-    parser.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm", help="sampler of the FID/IS samples")
+    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm", help="sampler of the FID/IS samples")
     parser.add_argument("--seed", type=int, default=0, help="seeds the test subset, the bound's noise and the samples")
     parser.add_argument("--output", default="report.json", help="JSON report to write")
     parser.add_argument("--figures-dir", help="folder for the PNG figures (default: the report's folder)")

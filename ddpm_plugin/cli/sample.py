@@ -6,7 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from ddpm_plugin.sampling import BACKENDS, MAX_SEED
+from ddpm_plugin.sampling import MAX_SEED
+from ddpm_plugin.vocabulary import BACKENDS, SAMPLERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (and per shard)")
     parser.add_argument("--steps", type=int, default=1000, help="denoising steps (1..1000)")
     parser.add_argument("--seed", type=int, default=0, help=f"random seed (0..{MAX_SEED})")
-    parser.add_argument("--scheduler", choices=("ddpm", "ddim"), default="ddpm", help="sampler")
+    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm", help="sampler")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
     parser.add_argument("--backend", choices=BACKENDS,
                         help="onnxruntime (the default when the model folder carries an onnx/ export) or pytorch")

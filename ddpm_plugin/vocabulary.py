@@ -1,0 +1,53 @@
+"""The words ddpm-plugin's modules share, each defined once: samplers, backends, variance types, the names of
+the files and folders a pipeline folder holds, and the checks that refuse any other value with a message.
+
+Torch-free (the standard library, and NumPy through `gaussian_diffusion`): the ONNX Runtime sampler, the demo
+and the command line import it. `VarianceType` itself lives in `pipelines/gaussian_diffusion.py`, because the
+pipeline's files are copied into every saved folder and load there without ddpm-plugin installed.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Literal, get_args
+
+from .pipelines.gaussian_diffusion import VarianceType
+
+__all__ = [
+    "BACKENDS", "Backend", "ONNX_METADATA_FILE", "ONNX_MODEL_FILE", "ONNX_SUBFOLDER", "PAPER_VARIANCE_TYPES",
+    "PIPELINE_MODULE", "PaperVarianceType", "SAMPLERS", "SCHEDULER_CONFIG", "Sampler", "VarianceType",
+    "check_sampler", "check_steps",
+]
+
+# "ddpm": ancestral sampling (Algorithm 2) with the paper's `DDPMScheduler`; "ddim": Song et al. (2021) with a
+# `DDIMScheduler` of the same training schedule.
+Sampler = Literal["ddpm", "ddim"]
+SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)
+Backend = Literal["onnxruntime", "pytorch"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)  # ONNX Runtime first: the default where an export exists
+# The paper's two sigma_t^2 (Sec. 3.2), which the presets and the demo offer; `VarianceType` adds diffusers'
+# spelling "fixed_small_log" of beta_tilde_t, which a scheduler configuration may hold.
+PaperVarianceType = Literal["fixed_large", "fixed_small"]
+PAPER_VARIANCE_TYPES: tuple[PaperVarianceType, ...] = get_args(PaperVarianceType)
+
+PIPELINE_MODULE = "pipeline_ddpm_paper"  # the pipeline's file in a saved folder: `custom_pipeline=PIPELINE_MODULE`
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"  # in a pipeline folder and in an ONNX export
+ONNX_SUBFOLDER = "onnx"  # where a pipeline folder keeps its export (`ddpm export --output DIR/onnx`)
+ONNX_MODEL_FILE = "model.onnx"
+ONNX_METADATA_FILE = "ddpm_onnx.json"
+
+
+def check_sampler(scheduler: str) -> None:
+    """Refuse anything but a [`Sampler`]."""
+    if scheduler not in SAMPLERS:
+        raise ValueError(f"`scheduler` must be {' or '.join(map(repr, SAMPLERS))}, got {scheduler!r}.")
+
+
+def check_steps(num_inference_steps: int, num_train_timesteps: int) -> None:
+    """Refuse a number of denoising steps that is not a whole number in 1..T."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, Integral) or not (
+        1 <= num_inference_steps <= num_train_timesteps
+    ):
+        raise ValueError(
+            f"`num_inference_steps` must be an integer in 1..{num_train_timesteps}, got {num_inference_steps!r}."
+        )
