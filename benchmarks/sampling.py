@@ -5,7 +5,8 @@ Backends (one process each: torch and onnxruntime in one process oversubscribe t
 - `diffusers-fp32`, `diffusers-bf16`: stock diffusers `DDPMPipeline`, in float32 and under bfloat16 autocast
   (the baselines: what a user of diffusers gets on this CPU);
 - `paper-fp32`, `paper-bf16`: `DDPMPaperPipeline`, in float32 and in bfloat16 (autocast, or
-  `torch_dtype=torch.bfloat16` with `--paper-bf16 dtype`);
+  `torch_dtype=torch.bfloat16` with `--paper-bf16 dtype`, and with the UNet in channels-last memory format, as
+  diffusers' CPU advice has it, with `--paper-bf16 dtype-channels-last`);
 - `onnx-dynamo`, `onnx-torchscript`: `OnnxDDPMPipeline` on the float32 graphs of the two exporters;
 - `onnx-int8`: `OnnxDDPMPipeline` on `ddpm export --quantize int8`'s graph.
 
@@ -148,8 +149,10 @@ def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads
     else:
         from ddpm_plugin import DDPMPaperPipeline as pipeline_class
     bf16 = PRECISION[backend] == "bf16"
-    by_dtype = bf16 and backend.startswith("paper") and paper_bf16 == "dtype"
+    by_dtype = bf16 and backend.startswith("paper") and paper_bf16.startswith("dtype")
     pipe = pipeline_class.from_pretrained(model, **({"torch_dtype": torch.bfloat16} if by_dtype else {}))
+    if by_dtype and paper_bf16 == "dtype-channels-last":
+        pipe.unet.to(memory_format=torch.channels_last)  # oneDNN's bf16 convolutions run fastest on NHWC
     pipe.set_progress_bar_config(disable=True)
     autocast = bf16 and not by_dtype
 
@@ -359,8 +362,9 @@ def main() -> None:
                         help="also time this pipeline folder (repeatable); with --model only, the default cases are skipped")
     parser.add_argument("--batch-sizes", default="1", help="batch sizes for --model cases, comma-separated")
     parser.add_argument("--steps", type=int, default=100, help="sampling steps for --model cases")
-    parser.add_argument("--paper-bf16", choices=("autocast", "dtype"), default="autocast",
-                        help="how paper-bf16 runs: torch.autocast, or from_pretrained(torch_dtype=torch.bfloat16)")
+    parser.add_argument("--paper-bf16", choices=("autocast", "dtype", "dtype-channels-last"), default="autocast",
+                        help="how paper-bf16 runs: torch.autocast, from_pretrained(torch_dtype=torch.bfloat16), or "
+                             "that with the UNet in channels-last memory format")
     parser.add_argument("--int8-budget", type=float, default=None,
                         help="quality budget of the int8 exports of trained models (default: ddpm export's)")
     parser.add_argument("--worker", choices=(*BACKENDS, "roofline"), help=argparse.SUPPRESS)
