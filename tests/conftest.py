@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -15,6 +18,28 @@ TEST_OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 
 # A digits-shaped UNet small enough that 1000 steps take a fraction of a second.
 TINY_UNET = {"block_out_channels": (16, 32), "norm_num_groups": 8}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """Call it for a TCP port on 127.0.0.1 that is free now (the system picks it); each call may give another."""
+    return _free_port
+
+
+@pytest.fixture
+def two_process_launch(free_port) -> list[str]:
+    """The `accelerate launch` command that starts a script on two gloo CPU processes; run it with
+    `ACCELERATE_USE_CPU=1` in the environment. (`--cpu --num_processes 2` would silently start ONE process;
+    `--multi_gpu` with ACCELERATE_USE_CPU gives two.)"""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
 
 
 @pytest.fixture(scope="session")

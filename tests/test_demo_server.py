@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,8 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import gradio_client
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -31,8 +32,6 @@ import demo_attacks as attacks
 from ddpm_plugin.bundled import BUNDLED_MODEL
 from ddpm_plugin.demo.backends import GALLERY_PIXELS, display_scale
 
-gradio_client = pytest.importorskip("gradio_client")
-psutil = pytest.importorskip("psutil")
 
 CHROMIUM_FLAGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -54,16 +53,9 @@ class DemoServer:
     files: Path  # GRADIO_TEMP_DIR, under which each run makes its own file folder
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(folders: list[Path], root: Path, *flags: str) -> tuple[str, subprocess.Popen, Path]:
-    """`ddpm demo` on a free port with `root/gradio` as GRADIO_TEMP_DIR; (url, process, log) once it answers.
+def start_server(port: int, folders: list[Path], root: Path, *flags: str) -> tuple[str, subprocess.Popen, Path]:
+    """`ddpm demo` on `port` with `root/gradio` as GRADIO_TEMP_DIR; (url, process, log) once it answers.
     The servers of a session share one ONNX export cache, beside `root`."""
-    port = free_port()
     env = {
         **os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(root / "gradio"),
         "XDG_CACHE_HOME": str(root.parent / "cache"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
@@ -107,11 +99,11 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_server(tiny_pipeline_dir, tmp_path_factory) -> DemoServer:
+def demo_server(tiny_pipeline_dir, tmp_path_factory, free_port) -> DemoServer:
     root = tmp_path_factory.mktemp("demo")
     folders = ([BUNDLED_MODEL] if (BUNDLED_MODEL / "model_index.json").is_file() else []) + [tiny_pipeline_dir]
-    url, process, log = start_server(folders, root, "--max-images", str(MAX_IMAGES), "--concurrency", "2",
-                                     "--queue-size", "64", "--threads", "1")
+    url, process, log = start_server(free_port(), folders, root, "--max-images", str(MAX_IMAGES),
+                                     "--concurrency", "2", "--queue-size", "64", "--threads", "1")
     try:
         description = gradio_client.Client(url, verbose=False).predict(api_name="/models")
         yield DemoServer(url, process, list(description["models"]), description["backends"][0], tiny_pipeline_dir,
@@ -294,15 +286,15 @@ def test_an_upload_is_served_until_its_request_ends_then_deleted(demo_server):
 
 
 @pytest.mark.slow
-def test_a_restarted_server_serves_nothing_of_the_earlier_run(tiny_pipeline_dir, tmp_path):
-    url, process, _ = start_server([tiny_pipeline_dir], tmp_path, "--no-onnx", "--threads", "1")
+def test_a_restarted_server_serves_nothing_of_the_earlier_run(tiny_pipeline_dir, tmp_path, free_port):
+    url, process, _ = start_server(free_port(), [tiny_pipeline_dir], tmp_path, "--no-onnx", "--threads", "1")
     try:
         (path,) = json.loads(attacks.upload(url, {"kept.png": attacks.small_picture()}).text)
         assert httpx.get(f"{url}/gradio_api/file={path}").status_code == 200
     finally:
         stop_server(process)
     assert not Path(path).exists() and list((tmp_path / "gradio").glob("ddpm-demo-*")) == []  # the run's folder is gone
-    url, process, _ = start_server([tiny_pipeline_dir], tmp_path, "--no-onnx", "--threads", "1")
+    url, process, _ = start_server(free_port(), [tiny_pipeline_dir], tmp_path, "--no-onnx", "--threads", "1")
     try:
         assert httpx.get(f"{url}/gradio_api/file={path}").status_code == 403
     finally:
@@ -411,7 +403,8 @@ def test_browser_generates_images_and_the_same_seed_repeats_them(demo_server, te
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed: apt-get install -y chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from demo_attacks import JUNK_UPLOADS, decompression_bomb, small_picture
 
@@ -22,7 +23,6 @@ from ddpm_plugin.demo.uploads import (
     read_picture,
 )
 
-psutil = pytest.importorskip("psutil")
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 

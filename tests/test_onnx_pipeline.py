@@ -11,18 +11,17 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
-ort = pytest.importorskip("onnxruntime")
-
-from ddpm_plugin.bundled import DIGITS_MODEL  # noqa: E402
-from ddpm_plugin.export.onnx_pipeline import (  # noqa: E402
+from ddpm_plugin.bundled import DIGITS_MODEL
+from ddpm_plugin.export.onnx_pipeline import (
     OnnxDDPMPipeline,
     OnnxModelError,
     inference_timesteps,
     respace,
 )
-from ddpm_plugin.export.providers import CPU, CUDA, check_cuda, resolve_providers  # noqa: E402
+from ddpm_plugin.export.providers import CPU, CUDA, check_cuda, resolve_providers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -309,7 +308,8 @@ def test_a_model_that_does_not_fit_the_metadata_is_reported(export_copy):
 
 
 def test_an_opset_newer_than_the_runtime_is_reported(export_copy):
-    onnx = pytest.importorskip("onnx")
+    import onnx
+
     model = onnx.load(str(export_copy / "model.onnx"))
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
@@ -386,7 +386,8 @@ def test_a_hub_cache_snapshot_of_links_into_its_blob_store_loads(shipped_export,
 
 def with_external_data(folder: Path, location: str) -> Path:
     """Rewrite `folder/model.onnx` to keep its weights in `model.onnx.data`, then record `location` for them."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
+
     model = onnx.load(str(folder / "model.onnx"))
     onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)

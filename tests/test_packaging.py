@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -108,13 +107,7 @@ def test_torch_free_install_samples_with_onnxruntime(wheel, tmp_path):
     assert 'pip install "ddpm-plugin[train]"' in refused.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_all_extras_install_runs_every_command(wheel, tmp_path):
+def test_all_extras_install_runs_every_command(wheel, tmp_path, free_port):
     venv = tmp_path / "venv"
     python = make_venv(venv, TORCH_WHEEL)
     run([str(python), "-m", "pip", "install", "-q", f"{wheel}[all]"])

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,12 +42,6 @@ def all_images(folder: Path) -> np.ndarray:
     return np.concatenate([load_shard(folder / entry["file"]) for entry in json.loads((folder / MANIFEST).read_text())["shards"]])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
 def test_an_image_depends_only_on_the_seed_and_its_index(onnx_pipeline_dir, backend):
     sampler = load_image_sampler(onnx_pipeline_dir, backend, "ddpm", num_inference_steps=10, seed=5, progress_bar=False)
@@ -71,16 +64,12 @@ def test_the_default_backend_is_onnxruntime_when_the_folder_carries_an_export(on
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
-def test_two_gloo_processes_write_bitwise_the_images_of_one(onnx_pipeline_dir, tmp_path, backend):
+def test_two_gloo_processes_write_bitwise_the_images_of_one(onnx_pipeline_dir, tmp_path, backend, two_process_launch):
     args = ("--num-images", "11", "--batch-size", "2", "--steps", "20", "--seed", "7", "--backend", backend)
     one = subprocess.run([sys.executable, *sample_command(onnx_pipeline_dir, tmp_path / "one", *args)], env=ENV,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    # `--cpu --num_processes 2` would silently start ONE process; `--multi_gpu` with ACCELERATE_USE_CPU gives two.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port())]
-    two = subprocess.run([*launch, *sample_command(onnx_pipeline_dir, tmp_path / "two", *args)],
+    two = subprocess.run([*two_process_launch, *sample_command(onnx_pipeline_dir, tmp_path / "two", *args)],
                          env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
 

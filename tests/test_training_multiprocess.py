@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -61,28 +59,18 @@ DRIVER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_two_processes(*script: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` of `script` on two gloo CPU processes."""
+def launch_two_processes(launch: list[str], *script: str) -> subprocess.CompletedProcess:
+    """`script` run by the `launch` command on two gloo CPU processes."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    # `--cpu --num_processes 2` would silently start ONE process; `--multi_gpu` with ACCELERATE_USE_CPU gives two.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), *script]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*launch, *script], env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_share_weights_split_data_and_only_rank_0_writes(tmp_path):
+def test_two_gloo_processes_share_weights_split_data_and_only_rank_0_writes(tmp_path, two_process_launch):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     output = tmp_path / "run"
-    launch = launch_two_processes(str(driver), str(output))
+    launch = launch_two_processes(two_process_launch, str(driver), str(output))
     assert launch.returncode == 0, launch.stderr[-4000:]
 
     reports = sorted((json.loads(line.split(" ", 1)[1]) for line in launch.stdout.splitlines()
@@ -102,10 +90,11 @@ def test_two_gloo_processes_share_weights_split_data_and_only_rank_0_writes(tmp_
 
 
 @pytest.mark.slow
-def test_accelerate_launches_the_ddpm_train_command_on_two_processes(tmp_path):
+def test_accelerate_launches_the_ddpm_train_command_on_two_processes(tmp_path, two_process_launch):
     output = tmp_path / "run"
-    launch = launch_two_processes("-m", "ddpm_plugin.cli", "train", "--preset", "digits", "--batch-size", "16",
-                                  "--max-steps", "2", "--log-with", "none", "--output-dir", str(output))
+    launch = launch_two_processes(two_process_launch, "-m", "ddpm_plugin.cli", "train", "--preset", "digits",
+                                  "--batch-size", "16", "--max-steps", "2", "--log-with", "none",
+                                  "--output-dir", str(output))
     assert launch.returncode == 0, launch.stderr[-4000:]
     assert "2 process(es)" in launch.stdout
     assert launch.stdout.count("trained 2 steps") == 1  # printed by the main process only
