@@ -6,6 +6,8 @@ not re-type the schedule: it reads the arrays [`GaussianDiffusion`] computes fro
 JSON numbers are IEEE doubles written with Python's shortest round-trip `repr`, so JavaScript reads back
 exactly the float64 values the Python sampler uses.
 
+[`export_onnx`] (`ddpm export`) writes the file into every export; the command below adds it to an older one.
+
 ```
 OUT/diffusion_coefficients.json     # python -m ddpm_plugin.export.coefficients OUT
 {

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .coefficients import write_coefficients
 from .freshness import WEIGHTS_NAME, file_sha256
 from .onnx_pipeline import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, SCHEDULER_CONFIG
 
@@ -263,6 +264,7 @@ def export_onnx(
     if quantize is not None:
         metadata.update(quantization=quantization, quality=quality.as_dict())
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_coefficients(staging)  # the float64 schedule, for samplers outside Python (the browser page)
     _replace_folder(staging, output_dir)
     return OnnxExportReport(
         output_dir=output_dir, model_path=output_dir / MODEL_FILE, opset=opset, exporter=exporter, fp16=fp16,

@@ -19,7 +19,6 @@ import torch
 
 from ddpm_plugin import DDPMPaperPipeline, PaperUNet2DModel, paper_scheduler
 from ddpm_plugin.checkpoints import load_checkpoint, load_latest_checkpoint, match_json_permissions
-from ddpm_plugin.export.coefficients import write_coefficients
 from ddpm_plugin.export.onnx_export import export_onnx
 
 BUNDLED = Path(__file__).resolve().parent.parent / "ddpm_plugin" / "bundled"
@@ -53,7 +52,6 @@ def main() -> None:
                "wall_minutes": args.wall_minutes, "command": args.command}
     (target / "training_run.json").write_text(json.dumps(summary, indent=1) + "\n")
     report = export_onnx(target, target / "onnx", seed=0)
-    write_coefficients(target / "onnx")  # for the in-browser sampler
     print(f"{target}: step {checkpoint.step}, ONNX max abs error {report.max_abs_error:.2e}, "
           f"{sum(p.stat().st_size for p in target.rglob('*') if p.is_file()) / 2**20:.1f} MB")
 

@@ -160,3 +160,12 @@ def test_fp16_export_keeps_float32_inputs_and_outputs(tiny_pipeline_dir, tmp_pat
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
     assert report.fp16 and report.max_abs_error <= report.tolerance == 5e-2
     assert json.loads((report.output_dir / "ddpm_onnx.json").read_text())["precision"] == report.precision == "fp16"
+
+
+def test_export_writes_the_float64_coefficients_beside_the_model(export_report, tiny_pipeline_dir):
+    """Samplers outside Python (the browser page) read the schedule from the export, bit for bit."""
+    from ddpm_plugin.export.coefficients import COEFFICIENTS_FILE, diffusion_coefficients
+
+    written = json.loads((export_report.output_dir / COEFFICIENTS_FILE).read_text())
+    config = json.loads((tiny_pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert written == diffusion_coefficients(config)
