@@ -1,15 +1,18 @@
-"""The files of the browser sampler page and two ways to serve them, both cross-origin isolated.
+"""The files of the browser sampler page, the servers that serve them cross-origin isolated, and a static copy.
 
 The page (`index.html`, `app.js`, `sampler.js`, `style.css`) loads onnxruntime-web from `ort/` and the model's
 ONNX export from `model/`, all on its own host. [`site_files`] maps exactly those URL paths to files: nothing
 else is served, so no request can reach another path of the machine.
 
 - [`serve`]: a threaded standard-library HTTP server (tests, benchmarks, `python -m ddpm_plugin.demo.web.site`).
-- [`asgi_app`] / [`page_mount`]: the same files as a Starlette app, mounted beside the Gradio demo (`ddpm demo`
+- [`asgi_app`] / [`mount_page`]: the same files as a Starlette app, mounted on the Gradio demo's app (`ddpm demo`
   serves it at `/web/`).
+- [`write_space`]: the same files copied into a static folder (a Hugging Face Space with `sdk: static`), which
+  any static server serves as it is.
 
-Both send `Cross-Origin-Opener-Policy: same-origin` and `Cross-Origin-Embedder-Policy: require-corp`: with
-them the page is cross-origin isolated, which is what lets onnxruntime-web run WASM threads.
+The servers send `Cross-Origin-Opener-Policy: same-origin` and `Cross-Origin-Embedder-Policy: require-corp`: with
+them the page is cross-origin isolated, which is what lets onnxruntime-web run WASM threads. Without them (a
+plain static server) the page runs one WASM thread.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import mimetypes
 import os
+import shutil
 import threading
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +44,32 @@ ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-
 CONTENT_TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
                  ".json": "application/json", ".onnx": "application/octet-stream", ".css": "text/css",
                  ".html": "text/html; charset=utf-8"}
+# A static Space's README: the front matter configures the Space (sdk: static serves the folder as it is;
+# custom_headers make the page cross-origin isolated, so it runs WASM threads).
+SPACE_README = """---
+title: DDPM in your browser
+emoji: 🌀
+colorFrom: gray
+colorTo: indigo
+sdk: static
+app_file: index.html
+pinned: false
+custom_headers:
+  cross-origin-embedder-policy: require-corp
+  cross-origin-opener-policy: same-origin
+  cross-origin-resource-policy: cross-origin
+---
+
+# DDPM in your browser
+
+Samples from a denoising diffusion probabilistic model (Ho, Jain, Abbeel 2020) computed in the visitor's browser
+by onnxruntime-web: the {preset} model ({size}x{size}x{channels}), the paper's 1000-step ancestral sampler and
+DDIM. Nothing runs on the server: the page downloads the model (`model/`, {model_mb:.1f} MB) and onnxruntime-web's
+WebAssembly runtime (`ort/`, {runtime_mb:.1f} MB) once, and loads nothing from another host.
+
+Written by `python -m ddpm_plugin.demo.web.site --space FOLDER` (ddpm-plugin). Upload the folder as it is into a
+static Space, e.g. `hf upload --repo-type space USER/NAME FOLDER .`
+"""
 
 
 def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
@@ -141,28 +171,115 @@ def asgi_app(export_dir: str | os.PathLike) -> Any:
     return Starlette(routes=[Route("/{path:path}", page, methods=["GET"])])
 
 
-def page_mount(export_dir: str | os.PathLike, path: str = WEB_PATH) -> Any | None:
-    """`starlette.routing.Mount(path, ...)` serving the page on `export_dir`, or None (with a logged reason) when
-    onnxruntime-web or a file of the export is missing: the Gradio demo then runs without the link."""
-    from starlette.routing import Mount
+def mount_page(app: Any, export_dir: str | os.PathLike, path: str = WEB_PATH) -> str:
+    r"""
+    Mount the page on `export_dir` at `path` of a running or new FastAPI/Starlette app (Gradio's `demo.app`).
 
+    Only the mounted path sends the cross-origin isolation headers; the app's other routes are unchanged. When
+    the page cannot be served (onnxruntime-web not installed, the export lacks `diffusion_coefficients.json`),
+    `path` answers 503 with the reason instead, and the reason is logged, so a link to it never dangles.
+
+    Args:
+        app (`fastapi.FastAPI` or `starlette.applications.Starlette`):
+            The app; `app.mount(path, ...)` is called on it.
+        export_dir (`str` or `os.PathLike`):
+            An ONNX export folder, or a pipeline folder holding it in `onnx/`.
+        path (`str`, *optional*, defaults to `"/web"`):
+            Where to mount the page.
+
+    Returns:
+        `str`: the page's URL path, with the trailing slash its relative URLs need (`"/web/"`).
+    """
     try:
-        return Mount(path, app=asgi_app(export_dir))
+        page = asgi_app(export_dir)
     except FileNotFoundError as error:
         logger.warning("the browser sampler page is off: %s", error)
-        return None
+        page = _unavailable_app(f"The browser sampler is off: {error}")
+    app.mount(path, page)
+    return path.rstrip("/") + "/"
+
+
+def _unavailable_app(reason: str) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def explain(request: Any) -> Any:
+        return PlainTextResponse(reason, status_code=HTTPStatus.SERVICE_UNAVAILABLE, headers=ISOLATION_HEADERS)
+
+    return Starlette(routes=[Route("/{path:path}", explain, methods=["GET"])])
+
+
+# --- A static Hugging Face Space. ---
+
+
+def write_space(export_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    r"""
+    Write the page on `export_dir` as a self-contained static folder: a Hugging Face Space (`sdk: static`), or any
+    static web server's root.
+
+    The folder holds exactly the files [`site_files`] serves, at the same URL paths (`index.html`, its scripts,
+    `ort/` and `model/`), and a `README.md` whose front matter makes it a static Space that sends the
+    cross-origin isolation headers (`custom_headers`), so the page runs WASM threads there. Served without those
+    headers (`python -m http.server`), the page runs one WASM thread.
+
+    Args:
+        export_dir (`str` or `os.PathLike`):
+            An ONNX export folder, or a pipeline folder holding it in `onnx/`.
+        output_dir (`str` or `os.PathLike`):
+            The folder to write; it must not exist or be empty.
+
+    Returns:
+        `Path`: `output_dir`.
+
+    Raises:
+        `FileNotFoundError`: as [`site_files`].
+        `FileExistsError`: `output_dir` holds files.
+    """
+    from ddpm_plugin.export.onnx_pipeline import METADATA_FILE, MODEL_FILE
+
+    files = site_files(export_dir)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} is not empty; write the Space into a new folder.")
+    for url_path, source in files.items():
+        if url_path:  # "" is index.html again
+            target = output_dir / url_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    metadata = json.loads((output_dir / "model" / METADATA_FILE).read_text())
+    (output_dir / "README.md").write_text(SPACE_README.format(
+        preset=metadata.get("preset") or "DDPM", size=metadata["sample_size"], channels=metadata["in_channels"],
+        model_mb=(output_dir / "model" / metadata.get("model_file", MODEL_FILE)).stat().st_size / 1e6,
+        runtime_mb=(output_dir / "ort" / "ort-wasm-simd-threaded.wasm").stat().st_size / 1e6,
+    ))
+    # Files over 10 MB (the .wasm runtime, larger models) must go through Git LFS when the folder is pushed with git.
+    (output_dir / ".gitattributes").write_text("*.wasm filter=lfs diff=lfs merge=lfs -text\n"
+                                               "*.onnx filter=lfs diff=lfs merge=lfs -text\n")
+    return output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ddpm_plugin.demo.web.site [--model DIR] [--port N]`: serve the page until interrupted."""
+    """`python -m ddpm_plugin.demo.web.site [--model DIR] [--port N]`: serve the page until interrupted;
+    `... --space FOLDER`: write it as a static Space folder instead."""
     from ddpm_plugin.bundled import resolve_model
 
     parser = argparse.ArgumentParser(description="Serve the browser sampler page (cross-origin isolated).")
     parser.add_argument("--model", default=None, help="ONNX export or pipeline folder (default: the bundled model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--space", metavar="FOLDER", help="write a static Hugging Face Space folder and exit")
     args = parser.parse_args(argv)
-    server = serve(args.model or resolve_model(None), args.host, args.port)
+    model = args.model or resolve_model(None)
+    if args.space:
+        try:
+            folder = write_space(model, args.space)
+        except (FileNotFoundError, FileExistsError) as error:
+            parser.exit(1, f"error: {error}\n")
+        size_mb = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
+        print(f"{folder}: a static Space of {size_mb:.1f} MB (upload it as it is).")
+        return 0
+    server = serve(model, args.host, args.port)
     print(f"The browser sampler is on http://{args.host}:{server.server_port}/ (Ctrl+C stops it).")
     try:
         threading.Event().wait()

@@ -60,3 +60,33 @@ def browser_sample(page: Any, latents: np.ndarray, noise: np.ndarray, **options:
     )
     result["sample"] = from_base64(result["sample"], tuple(result["shape"]))
     return result
+
+
+def browser_replay_eps(page: Any, latents: np.ndarray, noise: np.ndarray, eps: np.ndarray, **options: Any) -> np.ndarray:
+    """Run the page's loop (`sample` of `sampler.js`) with a stand-in network that returns `eps[i]` at step i
+    instead of running the WASM UNet: the loop's own arithmetic, on the given x_T (`latents`, NCHW), per-step
+    `noise` and eps (`[steps, *latents.shape]`). `options` as for [`browser_sample`]. Returns the final x_0."""
+    result = page.evaluate(
+        """async ({latents, noise, eps, options}) => {
+          const { sample, replayedNormal } = await import('./sampler.js');
+          const fromBase64 = (text) => new Float32Array(Uint8Array.from(atob(text), (c) => c.charCodeAt(0)).buffer);
+          const metadata = await (await fetch('model/ddpm_onnx.json')).json();
+          const coefficients = await (await fetch('model/diffusion_coefficients.json')).json();
+          const allEps = fromBase64(eps);
+          const size = allEps.length / options.numInferenceSteps;
+          let step = 0;
+          const session = { run: async () => ({ [metadata.output_name]: { data: allEps.subarray(size * step, size * ++step) } }) };
+          const ort = { Tensor: class {} };  // the stand-in network reads no tensors
+          const result = await sample({ session, ort, metadata, coefficients }, {
+            eta: 0.0, varianceType: coefficients.scheduler.variance_type, ...options,
+            normal: replayedNormal(fromBase64(noise)), latents: fromBase64(latents),
+          });
+          const bytes = new Uint8Array(result.sample.buffer);
+          let text = '';
+          for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+          return { sample: btoa(text), shape: result.shape };
+        }""",
+        {"latents": to_base64(latents), "noise": to_base64(noise), "eps": to_base64(eps),
+         "options": {"batchSize": int(latents.shape[0]), **options}},
+    )
+    return from_base64(result["sample"], tuple(result["shape"]))
