@@ -45,9 +45,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ddpm_plugin.vocabulary import ONNX_METADATA_FILE, ONNX_MODEL_FILE, ONNX_SUBFOLDER, SCHEDULER_CONFIG
+
 from .coefficients import write_coefficients
 from .freshness import WEIGHTS_NAME, file_sha256
-from .onnx_pipeline import FORMAT_VERSION, METADATA_FILE, MODEL_FILE, SCHEDULER_CONFIG
+from .onnx_pipeline import FORMAT_VERSION
 
 if TYPE_CHECKING:
     from .quantize import Int8Settings
@@ -208,7 +210,9 @@ def export_onnx(
     if not weights.is_file() or not scheduler_config.is_file():
         raise FileNotFoundError(f"{model_dir} is not a pipeline folder (it needs unet/{WEIGHTS_NAME} and {SCHEDULER_CONFIG}).")
     if output_dir.resolve() == model_dir.resolve():
-        raise ValueError(f"write the export to its own folder, such as {model_dir / 'onnx'}, not into {model_dir}.")
+        raise ValueError(
+            f"write the export to its own folder, such as {model_dir / ONNX_SUBFOLDER}, not into {model_dir}."
+        )
     unet = UNet2DModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=True).eval()
     sample_size = unet.config.sample_size
     if not isinstance(sample_size, int):
@@ -224,7 +228,7 @@ def export_onnx(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        model_path = staging / MODEL_FILE
+        model_path = staging / ONNX_MODEL_FILE
         _export(epsilon_model(unet, fp16), image_shape, model_path, opset, exporter)
         _freeze_reshape_targets(model_path)
         max_abs_error = _max_abs_error(model_path, reference, image_shape, validation_batch_size, seed)
@@ -244,7 +248,7 @@ def export_onnx(
     preset = detect_preset(dict(unet.config))
     metadata = {
         "format_version": FORMAT_VERSION,
-        "model_file": MODEL_FILE,
+        "model_file": ONNX_MODEL_FILE,
         "input_names": list(INPUT_NAMES),
         "output_name": OUTPUT_NAME,
         "sample_size": sample_size,
@@ -263,11 +267,11 @@ def export_onnx(
     }
     if quantize is not None:
         metadata.update(quantization=quantization, quality=quality.as_dict())
-    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    (staging / ONNX_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     write_coefficients(staging)  # the float64 schedule, for samplers outside Python (the browser page)
     _replace_folder(staging, output_dir)
     return OnnxExportReport(
-        output_dir=output_dir, model_path=output_dir / MODEL_FILE, opset=opset, exporter=exporter, fp16=fp16,
+        output_dir=output_dir, model_path=output_dir / ONNX_MODEL_FILE, opset=opset, exporter=exporter, fp16=fp16,
         max_abs_error=max_abs_error, tolerance=tolerance, preset=preset, export_seconds=time.perf_counter() - started,
         precision=precision, quality=quality.as_dict() if quantize is not None else None,
     )
@@ -317,7 +321,7 @@ def _quantize(
 def _replace_folder(staging: Path, output_dir: Path) -> None:
     """Move the validated export into `output_dir`, replacing the export files there (other files stay)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*output_dir.glob(f"{MODEL_FILE}*"), output_dir / METADATA_FILE]:
+    for stale in [*output_dir.glob(f"{ONNX_MODEL_FILE}*"), output_dir / ONNX_METADATA_FILE]:
         stale.unlink(missing_ok=True)
     shutil.rmtree(output_dir / Path(SCHEDULER_CONFIG).parent, ignore_errors=True)
     for item in staging.iterdir():
