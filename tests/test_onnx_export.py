@@ -26,7 +26,9 @@ def export_report(request, tiny_pipeline_dir, tmp_path_factory):
 
 def test_export_writes_the_documented_folder(export_report, tiny_pipeline_dir):
     folder = export_report.output_dir
-    assert sorted(p.name for p in folder.iterdir()) == ["ddpm_onnx.json", "model.onnx", "scheduler"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ddpm_onnx.json", "diffusion_coefficients.json", "model.onnx", "scheduler"
+    ]
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text()) == json.loads(
         (tiny_pipeline_dir / "scheduler" / "scheduler_config.json").read_text()
     )
