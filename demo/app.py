@@ -43,10 +43,12 @@ from ddpm_plugin.demo.backends import (
     DemoEngine,
     GenerationRequest,
     gallery_images,
+    training_summary,
     interpolation_picture,
     progression_picture,
 )
 from ddpm_plugin.demo.uploads import MAX_FILE_SIZE, UploadGuard, UploadStore, read_picture
+from ddpm_plugin.demo.web.site import WEB_PATH, mount_page
 from ddpm_plugin.vocabulary import PAPER_VARIANCE_TYPES, SAMPLERS
 
 DDPM_STEPS = 1000  # the paper samples with all T steps
@@ -214,10 +216,13 @@ def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blo
     max_t = engine.max_steps - 1
     with gr.Blocks(title="DDPM demo", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(INTRO)
+        gr.Markdown(f"Or [sample in your own browser]({WEB_PATH}/): onnxruntime-web runs the first model on your "
+                    "device, with no server compute.", elem_id="browser-link")
         if "onnxruntime" not in backends:
             reasons = "; ".join(f"{m.name}: {m.onnx_problem}" for m in engine.models.values())
             gr.Markdown(f"ONNX Runtime is unavailable ({reasons}); sampling runs on PyTorch.")
         model = Dropdown(models, value=models[0], label="Model", elem_id="model")
+        about = gr.Markdown(training_summary(engine.models[models[0]].folder), elem_id="model-about")
         with gr.Tab("Generate", elem_id="tab-generate"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
@@ -290,6 +295,7 @@ def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blo
             api_description="The variational bound of an image in bits/dim with its rate and distortion.",
         )
         sampler.change(sampler_controls, sampler, [steps, variance_type, eta], api_visibility="private")
+        model.change(lambda name: training_summary(engine.model(name).folder), model, about, api_visibility="private")
         random_seed.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private", queue=False)
         use_two.click(use_samples, gallery, [image_a, image_b], api_visibility="private")
         use_one.click(use_sample, gallery, bpd_image, api_visibility="private")
@@ -327,7 +333,11 @@ def launch(
         demo.launch(
             server_name=host, server_port=port, ssr_mode=False, show_error=False, footer_links=["api", "gradio"],
             max_file_size=MAX_FILE_SIZE, app_kwargs={"middleware": [Middleware(UploadGuard, store=uploads)]},
+            prevent_thread_lock=True,  # Gradio makes its app in launch(): the browser page is mounted after
         )
+        first = engine.models[engine.model_names[0]]
+        mount_page(demo.app, first.onnx_folder or first.folder)
+        demo.block_thread()
 
 
 @contextmanager

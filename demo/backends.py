@@ -8,6 +8,7 @@ from Python and tested without a browser.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -159,6 +160,7 @@ class DemoModel:
         self.variance_type = config.variance_type
         self.image_shape = tuple(self.torch_pipeline.image_shape(1)[1:])  # (channels, height, width)
         self._onnx_pipelines: queue.SimpleQueue | None = None
+        self.onnx_folder: Path | None = None  # the export ONNX Runtime samples with (shipped or cached)
         self.onnx_problem: str | None = "disabled by --no-onnx"
         if onnx:
             try:
@@ -202,7 +204,7 @@ class DemoModel:
     def _load_onnx(self, num_threads: int | None, concurrency: int) -> queue.SimpleQueue:
         from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
 
-        folder = self._onnx_folder()
+        folder = self.onnx_folder = self._onnx_folder()
         pipelines: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(concurrency):
             pipelines.put(OnnxDDPMPipeline.from_pretrained(folder, provider="auto", num_threads=num_threads))
@@ -258,6 +260,33 @@ class DemoModel:
 
         generator = torch.Generator().manual_seed(seed)
         return with_scheduler(self.torch_pipeline, "ddpm").bits_per_dim(image[None], generator=generator)
+
+
+TRAINING_CONFIG_FILE = "training_config.json"  # written beside a bundled model by scripts/bundle_model.py
+TRAINING_RUN_FILE = "training_run.json"
+DATASET_NAMES = {"mnist": "MNIST", "digits": "scikit-learn's 8x8 digits"}
+
+
+def training_summary(folder: Path) -> str:
+    """What the model in `folder` was trained on, for how long, and what was measured, as one Markdown line;
+    empty where the folder does not say (any pipeline folder may be shown, not only the bundled ones)."""
+    try:
+        config = json.loads((folder / TRAINING_CONFIG_FILE).read_text())
+        run = json.loads((folder / TRAINING_RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(config, dict) or not isinstance(run, dict) or not isinstance(run.get("step"), int):
+        return ""
+    dataset = DATASET_NAMES.get(config.get("dataset"), str(config.get("dataset", "an unnamed data set")))
+    text = f"Trained on {dataset} for {run['step']:,} steps"
+    if isinstance(run.get("images_seen"), int):
+        text += f" ({run['images_seen']:,} images)"
+    if isinstance(run.get("wall_minutes"), (int, float)):
+        text += f" in {run['wall_minutes'] / 60:.1f} hours on one CPU thread"
+    measured = run.get("measured")
+    if isinstance(measured, dict) and measured:
+        text += ". Measured: " + "; ".join(f"{name} {value}" for name, value in measured.items())
+    return text + "."
 
 
 def unique_names(folders: Sequence[Path]) -> list[str]:
@@ -392,6 +421,7 @@ class DemoEngine:
                     "num_train_timesteps": model.num_train_timesteps,
                     "variance_type": model.variance_type,
                     "onnxruntime": model.onnx_problem or "available",
+                    "training": training_summary(model.folder),
                 }
                 for name, model in self.models.items()
             },

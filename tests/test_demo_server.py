@@ -193,6 +193,19 @@ def test_named_api_interpolates_and_measures_bits_per_dim(demo_server, tmp_path)
         client.predict("pipeline", upload, upload, 1000, 4, 0, api_name="/interpolate")
 
 
+def test_the_browser_page_is_served_beside_the_gradio_page_and_linked_from_it(demo_server):
+    page = httpx.get(f"{demo_server.url}/web/", timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert page.headers["cross-origin-opener-policy"] == "same-origin"  # isolated: WASM threads
+    assert page.headers["cross-origin-embedder-policy"] == "require-corp"
+    coefficients = httpx.get(f"{demo_server.url}/web/model/diffusion_coefficients.json", timeout=30)
+    assert coefficients.status_code == 200 and "alphas_cumprod" in coefficients.text
+    gradio_page = httpx.get(demo_server.url, timeout=30)
+    assert "cross-origin-opener-policy" not in gradio_page.headers  # only the page's own path is isolated
+    config = httpx.get(f"{demo_server.url}/config", timeout=30).text
+    assert "sample in your own browser" in config and "(/web/)" in config
+
+
 def test_server_serves_no_file_but_its_own_outputs(demo_server):
     weights = next((demo_server.tiny_dir / "unet").glob("*.safetensors"))
     for path in (weights, Path("/etc/passwd"), Path(__file__)):
