@@ -386,7 +386,10 @@ def _freeze_reshape_targets(path: Path) -> int:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = onnx.load(str(path))
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # older onnxruntime tools give up on some dynamo graphs: ONNX's own inference then
+        inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {
         value.name: [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in value.type.tensor_type.shape.dim]
         for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]

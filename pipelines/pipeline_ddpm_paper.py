@@ -21,6 +21,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 from diffusers import DDPMPipeline
+from diffusers import __version__ as _diffusers_version
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
@@ -40,6 +41,7 @@ from .variational_bound import (
 
 STOCK_PIPELINE_CLASS = "DDPMPipeline"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_DIFFUSERS_RELEASE = tuple(int(part) for part in _diffusers_version.split(".")[:2])
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -226,6 +228,8 @@ class DDPMPaperPipeline(DDPMPipeline):
         `device_map`, `custom_pipeline`, ...) is passed on to, but weights load from safetensors only (nothing is
         unpickled) unless the caller explicitly passes `use_safetensors=False`."""
         kwargs.setdefault("use_safetensors", True)
+        if "dtype" in kwargs and _DIFFUSERS_RELEASE < (0, 40):
+            kwargs["torch_dtype"] = kwargs.pop("dtype")  # diffusers < 0.40 knows only `torch_dtype`
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(
