@@ -17,8 +17,10 @@ from ddpm_plugin.demo.backends import (
     gallery_images,
     interpolation_picture,
     progression_picture,
+    training_summary,
     unique_names,
 )
+from ddpm_plugin.bundled import MNIST_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -229,3 +231,17 @@ def test_app_runs_as_a_space_script():
                             text=True, timeout=120, cwd=REPO / "demo")
     assert result.returncode == 0, result.stderr
     assert "--max-images" in result.stdout
+
+
+def test_the_page_says_what_a_model_was_trained_on_for_how_long_and_what_was_measured(tmp_path, tiny_pipeline_dir):
+    summary = training_summary(MNIST_MODEL)
+    assert summary.startswith("Trained on MNIST for ") and " steps (" in summary and "hours on one CPU thread" in summary
+    assert "Measured: " in summary and "bits/dim" in summary
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "training_config.json").write_text('{"dataset": "digits"}')
+    (folder / "training_run.json").write_text('{"step": 1200, "images_seen": 76800}')
+    assert training_summary(folder) == "Trained on scikit-learn's 8x8 digits for 1,200 steps (76,800 images)."
+    (folder / "training_run.json").write_text("{not json")
+    assert training_summary(folder) == ""  # a broken file hides the line, never the page
+    assert training_summary(tiny_pipeline_dir) == ""  # a folder that does not say
