@@ -14,12 +14,12 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import __version__
-from .vocabulary import PIPELINE_MODULE
+from .vocabulary import PIPELINE_MODULE, TRAINING_CONFIG_FILE
 
 PAPER_URL = "https://arxiv.org/abs/2006.11239"
 DEFAULT_LICENSE = "apache-2.0"
 # Where `ddpm train` and `ddpm evaluate` leave their records, relative to the pipeline folder (or its parent).
-TRAINING_CONFIG_FILES = ("training_config.json",)
+TRAINING_CONFIG_FILES = (TRAINING_CONFIG_FILE,)
 EVALUATION_REPORT = Path("evaluation") / "report.json"
 # Hub ids of the data sets the presets are named after; the others have no canonical Hub copy.
 DATASET_HUB_IDS = {"cifar10": "uoft-cs/cifar10", "mnist": "ylecun/mnist"}

@@ -57,10 +57,10 @@ from .pipelines.gaussian_diffusion import GaussianDiffusion
 from .presets import PaperUNet2DModel, get_preset
 from .sampling import sample_grid
 from .training_config import RESUMABLE_CHANGES, ConfigError, TrainingConfig
-from .vocabulary import ONNX_SUBFOLDER
+from .vocabulary import ONNX_SUBFOLDER, TRAINING_CONFIG_FILE
 
 PERMUTATION_SEED_OFFSET = 1_000_003  # keeps the data order's generator apart from the model-init seed
-RUN_ENTRIES = ("training_config.json", "checkpoints", "tensorboard", "samples", "pipeline")  # what a run writes
+RUN_ENTRIES = (TRAINING_CONFIG_FILE, "checkpoints", "tensorboard", "samples", "pipeline")  # what a run writes
 
 Log = Callable[[str], None]  # prints once, on the main process
 
@@ -382,7 +382,7 @@ def start_run_files(config: TrainingConfig, replaced: list[Path], accelerator: A
         log(f"overwrite: removed {', '.join(p.name for p in replaced)} from {config.output_dir}")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "training_config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+    (output / TRAINING_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=1) + "\n")
 
 
 def checkpoint_to_resume(config: TrainingConfig, log: Log) -> Checkpoint | None:

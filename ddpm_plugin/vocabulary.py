@@ -15,7 +15,8 @@ from .pipelines.gaussian_diffusion import VarianceType
 
 __all__ = [
     "BACKENDS", "Backend", "ONNX_METADATA_FILE", "ONNX_MODEL_FILE", "ONNX_SUBFOLDER", "PAPER_VARIANCE_TYPES",
-    "PIPELINE_MODULE", "PaperVarianceType", "SAMPLERS", "SCHEDULER_CONFIG", "Sampler", "VarianceType",
+    "PIPELINE_MODULE", "PaperVarianceType", "SAMPLERS", "SCHEDULER_CONFIG", "Sampler", "TRAINING_CONFIG_FILE",
+    "TRAINING_RUN_FILE", "VarianceType",
     "check_sampler", "check_steps",
 ]
 
@@ -35,6 +36,8 @@ SCHEDULER_CONFIG = "scheduler/scheduler_config.json"  # in a pipeline folder and
 ONNX_SUBFOLDER = "onnx"  # where a pipeline folder keeps its export (`ddpm export --output DIR/onnx`)
 ONNX_MODEL_FILE = "model.onnx"
 ONNX_METADATA_FILE = "ddpm_onnx.json"
+TRAINING_CONFIG_FILE = "training_config.json"  # the settings of a run, in its folder and beside a bundled model
+TRAINING_RUN_FILE = "training_run.json"  # beside a bundled model: steps, wall time, command, what was measured
 
 
 def check_sampler(scheduler: str) -> None:

@@ -26,7 +26,15 @@ from PIL import Image
 
 from ddpm_plugin.images import SnapshotRecorder, evenly_spaced_steps, make_grid, snapshot_grid, to_uint8
 from ddpm_plugin.sampling import load_pipeline, with_scheduler
-from ddpm_plugin.vocabulary import BACKENDS, ONNX_METADATA_FILE, ONNX_SUBFOLDER, PAPER_VARIANCE_TYPES, SAMPLERS
+from ddpm_plugin.vocabulary import (
+    BACKENDS,
+    ONNX_METADATA_FILE,
+    ONNX_SUBFOLDER,
+    PAPER_VARIANCE_TYPES,
+    SAMPLERS,
+    TRAINING_CONFIG_FILE,
+    TRAINING_RUN_FILE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +270,6 @@ class DemoModel:
         return with_scheduler(self.torch_pipeline, "ddpm").bits_per_dim(image[None], generator=generator)
 
 
-TRAINING_CONFIG_FILE = "training_config.json"  # written beside a bundled model by scripts/bundle_model.py
-TRAINING_RUN_FILE = "training_run.json"
 DATASET_NAMES = {"mnist": "MNIST", "digits": "scikit-learn's 8x8 digits"}
 
 

@@ -45,7 +45,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ddpm_plugin.vocabulary import ONNX_METADATA_FILE, ONNX_MODEL_FILE, ONNX_SUBFOLDER, SCHEDULER_CONFIG
+from ddpm_plugin.vocabulary import (
+    ONNX_METADATA_FILE,
+    ONNX_MODEL_FILE,
+    ONNX_SUBFOLDER,
+    SCHEDULER_CONFIG,
+    TRAINING_CONFIG_FILE,
+)
 
 from .coefficients import write_coefficients
 from .freshness import WEIGHTS_NAME, file_sha256
@@ -285,7 +291,7 @@ def _calibration_images(model_dir: Path, image_shape: tuple[int, int, int], sett
 
     dataset = settings.calibration_data
     if dataset is None:
-        training_config = model_dir / "training_config.json"
+        training_config = model_dir / TRAINING_CONFIG_FILE
         if training_config.is_file():
             dataset = json.loads(training_config.read_text()).get("dataset")
         if not dataset:

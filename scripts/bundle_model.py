@@ -20,6 +20,7 @@ import torch
 from ddpm_plugin import DDPMPaperPipeline, PaperUNet2DModel, paper_scheduler
 from ddpm_plugin.checkpoints import load_checkpoint, load_latest_checkpoint, match_json_permissions
 from ddpm_plugin.export.onnx_export import export_onnx
+from ddpm_plugin.vocabulary import TRAINING_CONFIG_FILE, TRAINING_RUN_FILE
 
 BUNDLED = Path(__file__).resolve().parent.parent / "ddpm_plugin" / "bundled"
 
@@ -47,10 +48,10 @@ def main() -> None:
     for stray in target.glob("*.py"):  # a bundled model is loaded by the installed package, not as remote code
         stray.unlink()
     match_json_permissions(target)
-    (target / "training_config.json").write_text(json.dumps({**config, "output_dir": str(run)}, indent=1) + "\n")
+    (target / TRAINING_CONFIG_FILE).write_text(json.dumps({**config, "output_dir": str(run)}, indent=1) + "\n")
     summary = {"step": checkpoint.step, "checkpoint": checkpoint.path.name, "images_seen": checkpoint.step * config["batch_size"],
                "wall_minutes": args.wall_minutes, "command": args.command}
-    (target / "training_run.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (target / TRAINING_RUN_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     report = export_onnx(target, target / "onnx", seed=0)
     print(f"{target}: step {checkpoint.step}, ONNX max abs error {report.max_abs_error:.2e}, "
           f"{sum(p.stat().st_size for p in target.rglob('*') if p.is_file()) / 2**20:.1f} MB")
