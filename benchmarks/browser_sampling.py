@@ -36,7 +36,8 @@ from ddpm_plugin.bundled import resolve_model
 from ddpm_plugin.demo.web import site
 from ddpm_plugin.demo.web.testing import ReplayedNoise, browser_sample, launch_chromium
 from ddpm_plugin.export.coefficients import write_coefficients
-from ddpm_plugin.export.onnx_pipeline import METADATA_FILE, OnnxDDPMPipeline, resolve_export_folder
+from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline, resolve_export_folder
+from ddpm_plugin.vocabulary import ONNX_METADATA_FILE
 
 THREADS = (1, 2)
 QUALITY_SAMPLES = 64  # images per variant for the quality columns
@@ -265,7 +266,7 @@ def main() -> None:
         servers = {name: site.serve(folder) for name, folder in variants.items()}
         url_of = {name: f"http://127.0.0.1:{server.server_port}/" for name, server in servers.items()}
         browser = launch_chromium(playwright)
-        metadata = (export / METADATA_FILE).read_text()
+        metadata = (export / ONNX_METADATA_FILE).read_text()
         print(f"model: {resolve_model(args.model)} ({' '.join(metadata.split())[:160]}...)")
         print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, load average "
               f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; Chromium {browser.version}, onnxruntime-web "

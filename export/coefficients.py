@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
+from ddpm_plugin.vocabulary import SCHEDULER_CONFIG
 
-from .onnx_pipeline import SCHEDULER_CONFIG, resolve_export_folder
+from .onnx_pipeline import resolve_export_folder
 
 COEFFICIENTS_FILE = "diffusion_coefficients.json"
 COEFFICIENTS_FORMAT_VERSION = 1

@@ -28,9 +28,16 @@ from tqdm.auto import tqdm
 
 from ddpm_plugin.images import SnapshotRecorder, every_k_steps, to_image, to_pil_images
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
-from ddpm_plugin.vocabulary import ONNX_METADATA_FILE as METADATA_FILE
-from ddpm_plugin.vocabulary import ONNX_MODEL_FILE as MODEL_FILE
-from ddpm_plugin.vocabulary import ONNX_SUBFOLDER, SCHEDULER_CONFIG, Sampler, VarianceType, check_sampler, check_steps
+from ddpm_plugin.vocabulary import (
+    ONNX_METADATA_FILE,
+    ONNX_MODEL_FILE,
+    ONNX_SUBFOLDER,
+    SCHEDULER_CONFIG,
+    Sampler,
+    VarianceType,
+    check_sampler,
+    check_steps,
+)
 
 from .freshness import check_export_fresh
 from .providers import CUDA, ProviderSpec, resolve_providers, session_options
@@ -238,15 +245,15 @@ class OnnxDDPMPipeline:
             [`StaleExportError`]: the export sits in a pipeline folder whose weights changed since it was made.
         """
         folder = resolve_export_folder(path)
-        metadata = _read_json(folder / METADATA_FILE)
+        metadata = _read_json(folder / ONNX_METADATA_FILE)
         if metadata.get("format_version") != FORMAT_VERSION:
             raise OnnxModelError(
-                f"{folder / METADATA_FILE} has format_version {metadata.get('format_version')!r}; this "
+                f"{folder / ONNX_METADATA_FILE} has format_version {metadata.get('format_version')!r}; this "
                 f"ddpm-plugin reads version {FORMAT_VERSION}. Re-export with `ddpm export`."
             )
         check_export_fresh(folder, metadata)
         scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
-        model_path = model_file_in(folder, metadata.get("model_file", MODEL_FILE))
+        model_path = model_file_in(folder, metadata.get("model_file", ONNX_MODEL_FILE))
         if not model_path.is_file():
             raise FileNotFoundError(f"the ONNX model {model_path} is missing; re-export with `ddpm export`.")
         check_external_data(model_path, folder)
@@ -485,14 +492,14 @@ class OnnxDDPMPipeline:
 def resolve_export_folder(path: str | os.PathLike) -> Path:
     """`path` if it holds `ddpm_onnx.json`, else its `onnx/` sub-folder if that does."""
     folder = Path(path)
-    if (folder / METADATA_FILE).is_file():
+    if (folder / ONNX_METADATA_FILE).is_file():
         return folder
-    if (folder / ONNX_SUBFOLDER / METADATA_FILE).is_file():
+    if (folder / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file():
         return folder / ONNX_SUBFOLDER
     if not folder.exists():
         raise FileNotFoundError(f"{folder} does not exist.")
     raise FileNotFoundError(
-        f"{folder} holds no ONNX export ({METADATA_FILE}, also not in {ONNX_SUBFOLDER}/); create one with "
+        f"{folder} holds no ONNX export ({ONNX_METADATA_FILE}, also not in {ONNX_SUBFOLDER}/); create one with "
         f"`ddpm export --model PIPELINE_DIR --output {folder}`."
     )
 
@@ -502,7 +509,7 @@ def model_file_in(folder: Path, model_file: Any) -> Path:
     never loads a network from elsewhere."""
     if not isinstance(model_file, str) or not _lies_in(folder, model_file):
         raise OnnxModelError(
-            f"{folder / METADATA_FILE} names the model {model_file!r}, which lies outside the export folder "
+            f"{folder / ONNX_METADATA_FILE} names the model {model_file!r}, which lies outside the export folder "
             f"{folder}; refusing to load it. Re-export with `ddpm export`."
         )
     return folder / model_file

@@ -29,6 +29,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from ddpm_plugin.vocabulary import ONNX_METADATA_FILE, ONNX_MODEL_FILE
+
 logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent
@@ -80,7 +82,7 @@ def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
         the page reads (`diffusion_coefficients.json` comes from `ddpm_plugin.export.coefficients`).
     """
     from ddpm_plugin.export.coefficients import COEFFICIENTS_FILE
-    from ddpm_plugin.export.onnx_pipeline import METADATA_FILE, MODEL_FILE, resolve_export_folder
+    from ddpm_plugin.export.onnx_pipeline import resolve_export_folder
 
     missing_ort = [name for name in ORT_FILES if not (ORT_DIST / name).is_file()]
     if missing_ort:
@@ -88,10 +90,10 @@ def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
             f"onnxruntime-web is not installed ({ORT_DIST / missing_ort[0]} is missing); run `npm ci` in {WEB_DIR}."
         )
     folder = resolve_export_folder(export_dir)
-    model_file = json.loads((folder / METADATA_FILE).read_text()).get("model_file", MODEL_FILE)
+    model_file = json.loads((folder / ONNX_METADATA_FILE).read_text()).get("model_file", ONNX_MODEL_FILE)
     files = {"": WEB_DIR / "index.html", **{name: WEB_DIR / name for name in PAGE_FILES}}
     files.update({f"ort/{name}": ORT_DIST / name for name in ORT_FILES})
-    files.update({f"model/{name}": folder / name for name in (METADATA_FILE, COEFFICIENTS_FILE, model_file)})
+    files.update({f"model/{name}": folder / name for name in (ONNX_METADATA_FILE, COEFFICIENTS_FILE, model_file)})
     absent = [str(path) for path in files.values() if not path.is_file()]
     if absent:
         raise FileNotFoundError(f"the browser page needs {absent[0]}; write the coefficients with "
@@ -236,8 +238,6 @@ def write_space(export_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
         `FileNotFoundError`: as [`site_files`].
         `FileExistsError`: `output_dir` holds files.
     """
-    from ddpm_plugin.export.onnx_pipeline import METADATA_FILE, MODEL_FILE
-
     files = site_files(export_dir)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -247,10 +247,10 @@ def write_space(export_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
             target = output_dir / url_path
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-    metadata = json.loads((output_dir / "model" / METADATA_FILE).read_text())
+    metadata = json.loads((output_dir / "model" / ONNX_METADATA_FILE).read_text())
     (output_dir / "README.md").write_text(SPACE_README.format(
         preset=metadata.get("preset") or "DDPM", size=metadata["sample_size"], channels=metadata["in_channels"],
-        model_mb=(output_dir / "model" / metadata.get("model_file", MODEL_FILE)).stat().st_size / 1e6,
+        model_mb=(output_dir / "model" / metadata.get("model_file", ONNX_MODEL_FILE)).stat().st_size / 1e6,
         runtime_mb=(output_dir / "ort" / "ort-wasm-simd-threaded.wasm").stat().st_size / 1e6,
     ))
     # Files over 10 MB (the .wasm runtime, larger models) must go through Git LFS when the folder is pushed with git.
