@@ -38,11 +38,12 @@ def quality(name: str, images: np.ndarray, test_features: np.ndarray, seconds: f
     }
 
 
-def sample(model_dir: str, num_images: int, steps: int, scheduler: str, batch_size: int, seed: int) -> tuple[np.ndarray, float]:
+def sample(model_dir: str, num_images: int, steps: int, scheduler: str, batch_size: int, seed: int,
+           num_threads: int | None = None) -> tuple[np.ndarray, float]:
     from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
     from ddpm_plugin.images import to_uint8
 
-    pipe = OnnxDDPMPipeline.from_pretrained(model_dir, provider="cpu")
+    pipe = OnnxDDPMPipeline.from_pretrained(model_dir, provider="cpu", num_threads=num_threads)
     started, batches = time.perf_counter(), []
     for start in range(0, num_images, batch_size):
         size = min(batch_size, num_images - start)
@@ -56,9 +57,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="pipeline folder with its onnx/ export")
     parser.add_argument("--samples", type=int, default=2000, help="DDIM samples per step count")
-    parser.add_argument("--ancestral-samples", type=int, default=500, help="1000-step DDPM samples")
+    parser.add_argument("--ancestral-samples", type=int, default=500, help="1000-step DDPM samples (0: skip)")
     parser.add_argument("--ddim-steps", default="10,20,50,100")
     parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: physical cores)")
     parser.add_argument("--output", default="test-output/mnist_quality.json")
     args = parser.parse_args()
 
@@ -68,15 +70,17 @@ def main() -> None:
     accuracy = float((test_probabilities.argmax(1) == test["labels"]).mean())
     rng = np.random.default_rng(0)
     rows = [quality("MNIST test images", test["images"], test_features, None, classifier)]
-    sizes = sorted({args.samples, args.ancestral_samples, 10_000})
+    sizes = sorted({args.samples, args.ancestral_samples, 10_000} - {0})
     for n in sizes:
         subset = train["images"][rng.choice(len(train["images"]), n, replace=False)]
         rows.append(quality(f"MNIST train images (floor, n={n})", subset, test_features, None, classifier))
     noise = np.clip((rng.standard_normal((args.samples, 28, 28)) + 1) * 127.5, 0, 255).astype(np.uint8)
     rows.append(quality("N(0, I) noise (scale)", noise, test_features, None, classifier))
-    runs = [("ddpm", 1000, args.ancestral_samples)] + [("ddim", int(s), args.samples) for s in args.ddim_steps.split(",")]
+    runs = [("ddpm", 1000, args.ancestral_samples)] * (args.ancestral_samples > 0)
+    runs += [("ddim", int(s), args.samples) for s in args.ddim_steps.split(",") if s]
     for scheduler, steps, n in runs:
-        images, seconds = sample(args.model, n, steps, scheduler, args.batch_size, seed=1)
+        images, seconds = sample(args.model, n, steps, scheduler, args.batch_size, seed=1,
+                                 num_threads=args.threads)
         rows.append(quality(f"{scheduler.upper()} {steps} steps", images, test_features, seconds, classifier))
         print(json.dumps(rows[-1]), flush=True)
 

@@ -386,38 +386,33 @@ def _freeze_reshape_targets(path: Path) -> int:
     The TorchScript exporter computes most reshape targets from the input's shape because the batch axis is
     dynamic: one such chain per GroupNorm and attention reshape. On small images these chains cost more than
     the convolutions (digits: Reshape/Shape/Concat/Gather/Unsqueeze were 57% of ORT's kernel time, Conv 11%).
-    Returns the number of targets frozen; validation afterwards checks the result at another batch size.
+
+    The targets are read from the output shapes of two real runs of the graph, at batch sizes 2 and 3, not
+    from shape inference (whose symbolic form differs across onnx/onnxruntime releases and gives up on some
+    dynamo graphs): an axis equal in both runs is a constant, an axis 0 that follows the batch size copies the input's (unless
+    `allowzero` is set, which some exporter releases write), and one other varying axis becomes -1. A target with two varying axes is left computed. Returns the number of
+    targets frozen; validation afterwards checks the result at another batch size.
     """
     import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = onnx.load(str(path))
-    try:
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-    except Exception:  # older onnxruntime tools give up on some dynamo graphs: ONNX's own inference then
-        inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {
-        value.name: [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in value.type.tensor_type.shape.dim]
-        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    }
     constants = {init.name for init in model.graph.initializer} | {
         node.output[0] for node in model.graph.node if node.op_type == "Constant"
     }
+    computed = [node for node in model.graph.node if node.op_type == "Reshape" and node.input[1] not in constants]
+    if not computed:
+        return 0
+    runs = [_reshape_shapes(model, computed, batch_size) for batch_size in (2, 3)]
     frozen = 0
-    for node in model.graph.node:
-        if node.op_type != "Reshape" or node.input[1] in constants:
-            continue
-        if any(attribute.name == "allowzero" and attribute.i for attribute in node.attribute):
-            continue
-        source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
-        if not source or not target:
-            continue
+    for index, node in enumerate(computed):
+        (source_2, output_2), (source_3, output_3) = runs[0][index], runs[1][index]
+        allowzero = any(attribute.name == "allowzero" and attribute.i for attribute in node.attribute)
         dims = []
-        for axis, dim in enumerate(target):
-            if isinstance(dim, int) and dim > 0:
-                dims.append(dim)
-            elif axis == 0 and dim == source[0]:
-                dims.append(0)  # Reshape copies the input's (dynamic) batch size
+        for axis, (dim_2, dim_3) in enumerate(zip(output_2.tolist(), output_3.tolist())):
+            if dim_2 == dim_3:
+                dims.append(dim_2)
+            elif axis == 0 and (dim_2, dim_3) == (source_2[0], source_3[0]) == (2, 3) and not allowzero:
+                dims.append(0)  # Reshape copies the input's (dynamic) batch size (with allowzero, 0 is a 0)
             else:
                 dims.append(-1)
         if dims.count(-1) > 1:
@@ -429,6 +424,35 @@ def _freeze_reshape_targets(path: Path) -> int:
     _remove_dead_nodes(model.graph)
     onnx.save(model, str(path))
     return frozen
+
+
+def _reshape_shapes(model: Any, reshapes: list, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input shape, output shape) of each of `reshapes` in one onnxruntime run of `model` at `batch_size`."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    names = []
+    for index, node in enumerate(reshapes):
+        for side, tensor in (("in", node.input[0]), ("out", node.output[0])):
+            names.append(f"__reshape_probe_{index}_{side}")
+            probe.graph.node.append(onnx.helper.make_node("Shape", [tensor], [names[-1]]))
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in session.get_inputs():
+        shape = [dim if isinstance(dim, int) else batch_size for dim in value.shape]
+        if value.type == "tensor(int64)":
+            feeds[value.name] = rng.integers(0, 1000, shape)
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    values = session.run(names, feeds)
+    return list(zip(values[0::2], values[1::2]))
 
 
 def _remove_dead_nodes(graph: Any) -> None:
