@@ -258,7 +258,8 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             repo_id = f"{payload['organization']}/{payload['name']}"
             if repo_id in hub.repos:  # the Hub's 409 names the existing repository, which the client returns
                 return self.reply(409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"})
-            private = payload.get("visibility") == "private"
+            # huggingface_hub >= 1.0 sends "visibility"; older releases send "private": true. The Hub takes both.
+            private = payload.get("visibility") == "private" or payload.get("private") is True
             hub.repos[repo_id] = {"private": private, "branches": {"main": Branch(sha=git_blob_sha1(repo_id.encode()))}}
             self.reply(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
 
