@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from ddpm_plugin.demo.web.site import ORT_DIST, ORT_FILES
+
 REPO = Path(__file__).resolve().parent.parent
 # Folders of the repository -> where setup.py installs them.
 MAPPED_FOLDERS = {"ddpm_plugin": "ddpm_plugin", "pipelines": "ddpm_plugin/pipelines", "export": "ddpm_plugin/export",
@@ -75,6 +77,9 @@ def test_wheel_holds_every_module_and_the_bundled_models(wheel):
     for source in (REPO / "ddpm_plugin" / "bundled").rglob("*"):
         if source.is_file() and source.suffix != ".py" and "__pycache__" not in source.parts:
             assert source.relative_to(REPO).as_posix() in names, source
+    if ORT_DIST.is_dir():  # `npm ci` has installed onnxruntime-web: exactly the files the page loads go in
+        packaged = sorted(name for name in names if name.startswith("ddpm_plugin/demo/web/ort/"))
+        assert packaged == sorted(f"ddpm_plugin/demo/web/ort/{name}" for name in ORT_FILES), packaged
     top_level = {name.split("/")[0] for name in names}
     assert top_level == {"ddpm_plugin", wheel.name.split("-py3")[0] + ".dist-info"}, top_level
     metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py3')[0]}.dist-info/METADATA").decode()
@@ -133,6 +138,9 @@ def test_all_extras_install_runs_every_command(wheel, tmp_path, free_port):
             except OSError:
                 time.sleep(1)
         assert "gradio" in page.lower(), server.stdout.read() if server.poll() is not None else "no page"
+        if ORT_DIST.is_dir():  # the browser page's runtime, served from the installed package
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/web/ort/{ORT_FILES[0]}", timeout=30) as response:
+                assert response.status == 200
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -2,7 +2,9 @@
 
 The page (`index.html`, `app.js`, `sampler.js`, `style.css`) loads onnxruntime-web from `ort/` and the model's
 ONNX export from `model/`, all on its own host. [`site_files`] maps exactly those URL paths to files: nothing
-else is served, so no request can reach another path of the machine.
+else is served, so no request can reach another path of the machine. onnxruntime-web's files come from npm's
+`node_modules` in a source checkout, or from the installed package's `ort/` folder, where setup.py copies them
+when it builds a wheel.
 
 - [`serve`]: a threaded standard-library HTTP server (tests, benchmarks, `python -m ddpm_plugin.demo.web.site`).
 - [`asgi_app`] / [`mount_page`]: the same files as a Starlette app, mounted on the Gradio demo's app (`ddpm demo`
@@ -35,8 +37,10 @@ logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent
 PAGE_FILES = ("index.html", "app.js", "sampler.js", "style.css")
-ORT_DIST = WEB_DIR / "node_modules" / "onnxruntime-web" / "dist"
-# The WASM build, and the WebGPU build the page loads when the browser has a WebGPU adapter.
+ORT_DIST = WEB_DIR / "node_modules" / "onnxruntime-web" / "dist"  # `npm ci` in a source checkout
+ORT_PACKAGED = WEB_DIR / "ort"  # where setup.py copies ORT_FILES into a built wheel
+# The WASM build, and the WebGPU build the page loads when the browser has a WebGPU adapter. setup.py reads
+# this tuple (it cannot import the package) to copy exactly these files into a wheel.
 ORT_FILES = (
     "ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
     "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm",
@@ -84,21 +88,33 @@ def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
     from ddpm_plugin.export.coefficients import COEFFICIENTS_FILE
     from ddpm_plugin.export.onnx_pipeline import resolve_export_folder
 
-    missing_ort = [name for name in ORT_FILES if not (ORT_DIST / name).is_file()]
-    if missing_ort:
-        raise FileNotFoundError(
-            f"onnxruntime-web is not installed ({ORT_DIST / missing_ort[0]} is missing); run `npm ci` in {WEB_DIR}."
-        )
+    ort_dist = find_ort_dist()
     folder = resolve_export_folder(export_dir)
     model_file = json.loads((folder / ONNX_METADATA_FILE).read_text()).get("model_file", ONNX_MODEL_FILE)
     files = {"": WEB_DIR / "index.html", **{name: WEB_DIR / name for name in PAGE_FILES}}
-    files.update({f"ort/{name}": ORT_DIST / name for name in ORT_FILES})
+    files.update({f"ort/{name}": ort_dist / name for name in ORT_FILES})
     files.update({f"model/{name}": folder / name for name in (ONNX_METADATA_FILE, COEFFICIENTS_FILE, model_file)})
     absent = [str(path) for path in files.values() if not path.is_file()]
     if absent:
         raise FileNotFoundError(f"the browser page needs {absent[0]}; write the coefficients with "
                                 f"`python -m ddpm_plugin.export.coefficients {folder}`.")
     return files
+
+
+def find_ort_dist() -> Path:
+    """The folder holding every one of ORT_FILES: the installed package's `ort/` (a wheel built where
+    onnxruntime-web was installed), else npm's `node_modules` (a source checkout after `npm ci`).
+
+    Raises:
+        `FileNotFoundError`: neither holds them; the message says how to get them.
+    """
+    for folder in (ORT_PACKAGED, ORT_DIST):
+        if all((folder / name).is_file() for name in ORT_FILES):
+            return folder
+    raise FileNotFoundError(
+        f"onnxruntime-web is not installed: neither {ORT_PACKAGED} nor {ORT_DIST} holds {ORT_FILES[0]}. In a source "
+        f"checkout run `npm ci` in {WEB_DIR}; a wheel holds it only when it was built after that `npm ci`."
+    )
 
 
 def content_type(path: str) -> str:
@@ -279,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         size_mb = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
         print(f"{folder}: a static Space of {size_mb:.1f} MB (upload it as it is).")
         return 0
-    server = serve(model, args.host, args.port)
+    try:
+        server = serve(model, args.host, args.port)
+    except FileNotFoundError as error:
+        parser.exit(1, f"error: {error}\n")
     print(f"The browser sampler is on http://{args.host}:{server.server_port}/ (Ctrl+C stops it).")
     try:
         threading.Event().wait()
