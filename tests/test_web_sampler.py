@@ -409,6 +409,34 @@ def test_browser_respaced_ddpm_fixed_small_matches_onnx_pipeline(api_page, onnx_
 
 
 @pytest.mark.browser
+def test_page_noise_of_an_image_is_the_same_in_any_batch(api_page):
+    """The page samples a request's first image alone and the rest in batches: image k draws from the seed's k-th
+    stream in whichever batch it is, so the images of a seed do not depend on how the page batches them."""
+    alone, batched = api_page.evaluate(
+        """async () => {
+          const { batchedNormal, seededNormal } = await import('./sampler.js');
+          const perImage = 7;  // odd: each draw discards its last Box-Muller value, in every batching alike
+          const alone = [0, 1, 2, 3].map((k) => {
+            const stream = seededNormal(5, k);
+            return [...stream.standardNormal(perImage), ...stream.standardNormal(perImage)];
+          });
+          const batch = batchedNormal([0, 1, 2, 3].map((k) => seededNormal(5, k)));
+          const first = batch.standardNormal(4 * perImage), second = batch.standardNormal(4 * perImage);
+          const batched = [0, 1, 2, 3].map((k) => [...first.subarray(k * perImage, (k + 1) * perImage),
+                                                   ...second.subarray(k * perImage, (k + 1) * perImage)]);
+          return [alone, batched];
+        }"""
+    )
+    assert alone == batched
+    assert len({tuple(values) for values in alone}) == 4  # four different streams
+    single = api_page.evaluate(
+        "async () => { const m = await import('./sampler.js');"
+        " return [[...m.seededNormal(5).standardNormal(6)], [...m.seededNormal(5, 0).standardNormal(6)]]; }"
+    )
+    assert single[0] == single[1]  # image 0 is the seed's stream as a one-image request draws it
+
+
+@pytest.mark.browser
 def test_page_limits_are_the_gradio_demos(api_page):
     info = api_page.evaluate("window.ddpm.ready")
     assert info["limits"]["maxImages"] == MAX_IMAGES

@@ -135,9 +135,10 @@ function ddimStepFunction(coefficients, timesteps, eta, clipRange) {
 // --- Noise sources: seeded for the page, replayed for the parity test. ---
 
 /** N(0, I) float32 draws from a seeded xoshiro128** stream (Box-Muller). The same seed gives the same images
- * in every browser; it is not NumPy's stream, so the server's images for a seed differ. */
-export function seededNormal(seed) {
-  let s = [0x9e3779b9, 0x243f6a88, 0xb7e15162, seed >>> 0];
+ * in every browser; it is not NumPy's stream, so the server's images for a seed differ. `image` picks one of
+ * the seed's independent streams: image 0 is the seed's stream as a single image draws it. */
+export function seededNormal(seed, image = 0) {
+  let s = [0x9e3779b9, 0x243f6a88, (0xb7e15162 ^ image) >>> 0, seed >>> 0];
   for (let i = 0; i < 16; i++) nextUint32();  // mix the seed through the state
   function nextUint32() {
     const result = Math.imul(rotl(Math.imul(s[1], 5), 7), 9) >>> 0;
@@ -156,6 +157,19 @@ export function seededNormal(seed) {
         out[j] = r * Math.cos(theta);
         if (j + 1 < length) out[j + 1] = r * Math.sin(theta);
       }
+      return out;
+    },
+  };
+}
+
+/** The noise of a batch whose image b draws from `streams[b]` (NCHW: each draw splits evenly over the images),
+ * so an image is the same whichever batch it is sampled in. */
+export function batchedNormal(streams) {
+  return {
+    standardNormal(length) {
+      const perImage = length / streams.length;
+      const out = new Float32Array(length);
+      streams.forEach((stream, b) => out.set(stream.standardNormal(perImage), b * perImage));
       return out;
     },
   };
@@ -188,7 +202,7 @@ export function replayedNormal(values) {
  * @param {string} options.sampler - "ddpm" (ancestral, Algorithm 2) or "ddim".
  * @param {number} options.eta - DDIM's stochasticity; ignored by "ddpm".
  * @param {string} options.varianceType - "fixed_large" or "fixed_small" ("ddpm" only).
- * @param {object} options.normal - the noise source (`seededNormal` or `replayedNormal`).
+ * @param {object} options.normal - the noise source (`batchedNormal` of `seededNormal`s, or `replayedNormal`).
  * @param {Float32Array} [options.latents] - x_T (NCHW); drawn from `normal` when not given.
  * @param {function} [options.onStep] - awaited after every step as onStep(i, t, xPrev, predictedX0).
  * @returns {Promise<{sample: Float32Array, shape: number[], stepMs: number[], unetMs: number[]}>} the final x_0
@@ -233,11 +247,4 @@ export async function sample(model, options) {
     if (onStep) await onStep(i, t, x, x0);
   }
   return { sample: x, shape, stepMs, unetMs };
-}
-
-/** The median of `values`: per-step times on a shared machine have long tails (the OS takes the core away). */
-export function median(values) {
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 }
