@@ -8,12 +8,20 @@ For each precision it reports, against its float32 counterpart:
 - the eps error on held-out x_t (`ddpm_plugin.export.quantize`): L_simple and its Eq. 12-weighted rise;
 - sample agreement from the same x_T: DDIM (deterministic) and DDPM ancestral sampling with the same per-step
   noise, as the mean and max |difference| in pixel levels (0..255) and, for 28x28 grayscale models, how often
-  the digit classifier gives both samples the same label.
+  the digit classifier gives both samples the same label;
+- for 28x28 grayscale models, the sample quality itself: the Frechet distance of the digit classifier's features
+  of the samples to those of the reference images (`--reference`, by default the 10,000 MNIST test images), the
+  paper's FID with `ddpm_plugin.classifier` in place of Inception. Every precision starts from the same x_T, so
+  the distances differ by what the precision changes, not by which noise was drawn.
+
+Each measure of each precision is saved in `<output>.rows/` as soon as it is done, and the table is made from
+what is there: a run that is stopped resumes where it was, and precisions can run in separate processes
+(`--precisions`) that share the folder. Bits/dim comes first for every precision, then DDIM, then DDPM.
 
     python benchmarks/precision_quality.py                                   # the bundled digits model
-    python benchmarks/precision_quality.py --model mnist --images 32 --samples 32
+    python benchmarks/precision_quality.py --model mnist --images 32 --samples 500 --ddpm-samples 100 --bf16 both
 
-bf16 runs under `torch.autocast` (`--bf16 dtype` loads with `torch_dtype=torch.bfloat16` instead).
+bf16 runs under `torch.autocast` (`--bf16 dtype` loads with `torch_dtype=torch.bfloat16` instead; `both`: two rows).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+BF16_MODES = ("autocast", "dtype")
+ONNX_PRECISIONS = ("onnx-fp32", "onnx-int8")
+MNIST_TEST = Path(os.environ.get("DDPM_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")) / "mnist_test.npz"
 
 
 class OnnxUNet(torch.nn.Module):
@@ -58,22 +71,26 @@ class OnnxUNet(torch.nn.Module):
         return UNet2DOutput(sample=torch.from_numpy(self.session.run(None, feeds)[0]))
 
 
-def load_precisions(model: Path, int8: Path, fp32: Path, threads: int, bf16: str) -> dict[str, tuple[Any, Any]]:
-    """name -> (pipeline, context manager factory) for every precision."""
+def precision_names(bf16: str) -> list[str]:
+    """The rows, in order: `pytorch-bf16-<mode>` for each bf16 mode asked for (`both`: autocast and dtype)."""
+    modes = BF16_MODES if bf16 == "both" else (bf16,)
+    return ["pytorch-fp32", *(f"pytorch-bf16-{mode}" for mode in modes), *ONNX_PRECISIONS]
+
+
+def load_precision(name: str, model: Path, onnx_folders: dict[str, Path], threads: int) -> tuple[Any, Any]:
+    """(pipeline, context manager factory) of the precision `name` (of `precision_names`)."""
     from ddpm_plugin import DDPMPaperPipeline
 
-    fp32_pipe = DDPMPaperPipeline.from_pretrained(model)
-    if bf16 == "dtype":
-        bf16_pipe, bf16_context = DDPMPaperPipeline.from_pretrained(model, torch_dtype=torch.bfloat16), contextlib.nullcontext
+    if name == "pytorch-bf16-dtype":
+        pipe, context = DDPMPaperPipeline.from_pretrained(model, torch_dtype=torch.bfloat16), contextlib.nullcontext
     else:
-        bf16_pipe, bf16_context = fp32_pipe, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    pipes = {"pytorch-fp32": (fp32_pipe, contextlib.nullcontext), "pytorch-bf16": (bf16_pipe, bf16_context)}
-    for name, folder in (("onnx-fp32", fp32), ("onnx-int8", int8)):
-        pipe = DDPMPaperPipeline(unet=OnnxUNet(folder, fp32_pipe.unet.config, threads), scheduler=fp32_pipe.scheduler)
-        pipes[name] = (pipe, contextlib.nullcontext)
-    for pipe, _ in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-    return pipes
+        pipe, context = DDPMPaperPipeline.from_pretrained(model), contextlib.nullcontext
+    if name == "pytorch-bf16-autocast":
+        context = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    if name in ONNX_PRECISIONS:
+        pipe = DDPMPaperPipeline(unet=OnnxUNet(onnx_folders[name], pipe.unet.config, threads), scheduler=pipe.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, context
 
 
 def samples(pipe: Any, context: Any, latents: torch.Tensor, steps: int, scheduler: str) -> np.ndarray:
@@ -102,90 +119,166 @@ def agreement(images: np.ndarray, reference: np.ndarray, classifier: Any) -> dic
     return result
 
 
+def classifier_frechet_distance(images: np.ndarray, classifier: Any, reference_features: np.ndarray) -> float:
+    """The Frechet distance of the digit classifier's features of uint8 NHWC `images` to `reference_features`."""
+    from ddpm_plugin.classifier import classify, frechet_distance
+
+    return frechet_distance(classify(classifier, images[..., 0])[0], reference_features)
+
+
+def export_graphs(model: Path, scratch: Path, int8: str | None) -> tuple[dict[str, Path], dict]:
+    """The float32 and int8 graphs, both from the TorchScript exporter (the int8 one quantized from the same
+    float32 graph, calibrated on the model's training data), and the int8 graph's eps quality; `int8` is an
+    existing int8 export to use instead."""
+    from ddpm_plugin.export.onnx_export import export_onnx
+    from ddpm_plugin.export.quantize import Int8Settings
+
+    fp32 = export_onnx(model, scratch / "fp32", exporter="torchscript", seed=0).output_dir
+    if int8:
+        return {"onnx-fp32": fp32, "onnx-int8": Path(int8)}, json.loads((Path(int8) / "ddpm_onnx.json").read_text())["quality"]
+    report = export_onnx(model, scratch / "int8", exporter="torchscript", seed=0,
+                         quantize=Int8Settings(budget=1.0))
+    return {"onnx-fp32": fp32, "onnx-int8": report.output_dir}, report.quality
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits", help="pipeline folder, or a bundled model: digits, mnist")
     parser.add_argument("--dataset", default=None, help="test images (default: the model's training data set)")
     parser.add_argument("--images", type=int, default=64, help="images for bits/dim")
-    parser.add_argument("--samples", type=int, default=64, help="samples for the agreement measures")
+    parser.add_argument("--samples", type=int, default=64, help="DDIM samples (agreement, Frechet distance)")
+    parser.add_argument("--ddpm-samples", type=int, default=None, help="DDPM samples (default: --samples)")
     parser.add_argument("--ddim-steps", type=int, default=50)
     parser.add_argument("--ddpm-steps", type=int, default=1000)
     parser.add_argument("--int8", default=None, help="an int8 export to measure (default: exported here)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--bf16", choices=("autocast", "dtype"), default="autocast")
+    parser.add_argument("--bf16", choices=(*BF16_MODES, "both"), default="autocast")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated rows to measure here (default: all; `none`: only the table of what is saved)")
+    parser.add_argument("--reference", default=str(MNIST_TEST),
+                        help="uint8 images (.npz `images`) the Frechet distance is measured against (28x28 models)")
     parser.add_argument("--output", default="test-output/precision_quality.json")
     args = parser.parse_args()
 
     from ddpm_plugin.bundled import resolve_model
     from ddpm_plugin.evaluation import dataset_images
-    from ddpm_plugin.export.onnx_export import export_onnx
     from ddpm_plugin.export.providers import physical_cpu_count
-    from ddpm_plugin.export.quantize import Int8Settings
 
     threads = args.threads or physical_cpu_count()
     torch.set_num_threads(threads)
     model = resolve_model(args.model)
+    names = precision_names(args.bf16)
+    run_here = names if args.precisions is None else [] if args.precisions == "none" else args.precisions.split(",")
+    if set(run_here) - set(names):
+        raise ValueError(f"`--precisions` names unknown rows {sorted(set(run_here) - set(names))}; the rows are {names}.")
+    ddpm_samples = args.ddpm_samples or args.samples
+    dataset = args.dataset or json.loads((model / "training_config.json").read_text())["dataset"]
+    settings = {"model": str(model), "dataset": dataset, "images": args.images, "samples": args.samples,
+                "ddpm_samples": ddpm_samples, "ddim_steps": args.ddim_steps, "ddpm_steps": args.ddpm_steps,
+                "int8": args.int8, "reference": args.reference}
+    rows_dir = Path(args.output).with_suffix(".rows")
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    settings_file = rows_dir / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
+        raise ValueError(f"{rows_dir} holds rows measured with other settings; remove it or pass another --output.")
+    settings_file.write_text(json.dumps(settings, indent=1) + "\n")
+
     started, cpu_started = time.perf_counter(), time.process_time()
+    measures = [("bpd", None), ("ddim", args.ddim_steps), ("ddpm", args.ddpm_steps)]
     with tempfile.TemporaryDirectory() as scratch:
-        # Both graphs from the TorchScript exporter: the int8 one is quantized from the same float32 graph.
-        fp32 = export_onnx(model, Path(scratch) / "fp32", exporter="torchscript", seed=0).output_dir
-        if args.int8:
-            int8, int8_quality = Path(args.int8), json.loads((Path(args.int8) / "ddpm_onnx.json").read_text())["quality"]
-        else:
-            report = export_onnx(model, Path(scratch) / "int8", exporter="torchscript", seed=0,
-                                 quantize=Int8Settings(calibration_data=args.dataset, budget=1.0))
-            int8, int8_quality = report.output_dir, report.quality
-        pipes = load_precisions(model, int8, fp32, threads, args.bf16)
-        unet_config = pipes["pytorch-fp32"][0].unet.config
-        shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
-        dataset = args.dataset or json.loads((model / "training_config.json").read_text())["dataset"]
+        onnx_folders: dict[str, Path] = {}
+        if set(run_here) & set(ONNX_PRECISIONS):
+            onnx_folders, int8_quality = export_graphs(model, Path(scratch), args.int8)
+            (rows_dir / "int8_eps_quality.json").write_text(json.dumps(int8_quality, indent=1) + "\n")
+        pipes = {name: load_precision(name, model, onnx_folders, threads) for name in run_here}
+        unet_config = json.loads((model / "unet" / "config.json").read_text())
+        shape = (unet_config["in_channels"], unet_config["sample_size"], unet_config["sample_size"])
         images, _ = dataset_images(dataset, shape, args.images, seed=0)
-        classifier = None
-        if shape == (1, 28, 28):
-            from ddpm_plugin.classifier import load_classifier
-
-            classifier = load_classifier()
-        latents = torch.randn((args.samples, *shape), generator=torch.manual_seed(0))
-        rows = {}
-        for name, (pipe, context) in pipes.items():
-            with context(), torch.no_grad():
-                bound = pipe.bits_per_dim(images, batch_size=256, generator=torch.manual_seed(0))
-            rows[name] = {"bits_per_dim": float(bound.total_bpd.mean()),
-                          "ddim": samples(pipe, context, latents, args.ddim_steps, "ddim"),
-                          "ddpm": samples(pipe, context, latents, args.ddpm_steps, "ddpm")}
-            print(f"# {name}: {rows[name]['bits_per_dim']:.4f} bits/dim", flush=True)
-    report = {"model": str(model), "dataset": dataset, "images": args.images, "samples": args.samples,
-              "threads": threads, "int8_eps_quality": int8_quality, "rows": {}}
-    for name, row in rows.items():
-        reference = rows["onnx-fp32" if name.startswith("onnx") else "pytorch-fp32"]
-        report["rows"][name] = {
-            "bits_per_dim": row["bits_per_dim"],
-            "bits_per_dim_change": row["bits_per_dim"] / rows["pytorch-fp32"]["bits_per_dim"] - 1,
-            f"ddim{args.ddim_steps}_vs_fp32": agreement(row["ddim"], reference["ddim"], classifier),
-            f"ddpm{args.ddpm_steps}_vs_fp32": agreement(row["ddpm"], reference["ddpm"], classifier),
-        }
+        latents = torch.randn((max(args.samples, ddpm_samples), *shape), generator=torch.manual_seed(0))
+        # Each measure for every precision before the next measure: bits/dim, DDIM, then DDPM (the slowest).
+        for measure, steps in measures:
+            for name, (pipe, context) in pipes.items():
+                path = rows_dir / f"{name}.{measure}.npy"
+                if path.is_file():
+                    continue
+                if measure == "bpd":
+                    with context(), torch.no_grad():
+                        bound = pipe.bits_per_dim(images, batch_size=256, generator=torch.manual_seed(0))
+                    result = np.array(float(bound.total_bpd.mean()))
+                else:
+                    n = args.samples if measure == "ddim" else ddpm_samples
+                    result = samples(pipe, context, latents[:n], steps, measure)
+                np.save(path, result)
+                print(f"# {name} {measure}: done at {time.perf_counter() - started:.0f} s", flush=True)
+    report = make_report(rows_dir, names, settings, shape, threads)
     report["wall_s"], report["cpu_s"] = time.perf_counter() - started, time.process_time() - cpu_started
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    print_table(report, args)
+    print_table(report)
 
 
-def print_table(report: dict, args: argparse.Namespace) -> None:
+def make_report(rows_dir: Path, names: list[str], settings: dict, shape: tuple, threads: int) -> dict:
+    """The report from every measure found in `rows_dir`: each row against the float32 row of its runtime."""
+    classifier, reference_features = None, None
+    if shape == (1, 28, 28):
+        from ddpm_plugin.classifier import classify, load_classifier
+
+        classifier = load_classifier()
+        reference_features = classify(classifier, np.load(settings["reference"])["images"])[0]
+    found = {name: {measure: np.load(rows_dir / f"{name}.{measure}.npy") for measure in ("bpd", "ddim", "ddpm")
+                    if (rows_dir / f"{name}.{measure}.npy").is_file()} for name in names}
+    quality_file = rows_dir / "int8_eps_quality.json"
+    report = {**settings, "threads": threads, "rows": {},
+              "int8_eps_quality": json.loads(quality_file.read_text()) if quality_file.is_file() else None}
+    for name, row in found.items():
+        reference = found["onnx-fp32" if name in ONNX_PRECISIONS else "pytorch-fp32"]
+        entry: dict[str, Any] = {}
+        if "bpd" in row:
+            entry["bits_per_dim"] = float(row["bpd"])
+            if "bpd" in found["pytorch-fp32"]:
+                entry["bits_per_dim_change"] = float(row["bpd"]) / float(found["pytorch-fp32"]["bpd"]) - 1
+        for measure in ("ddim", "ddpm"):
+            if measure not in row:
+                continue
+            result: dict[str, Any] = {"n": len(row[measure])}
+            if measure in reference:
+                result["vs_fp32"] = agreement(row[measure], reference[measure], classifier)
+            if classifier is not None:
+                result["frechet_distance"] = classifier_frechet_distance(row[measure], classifier, reference_features)
+            entry[measure] = result
+        report["rows"][name] = entry
+    for entry in report["rows"].values():  # the distance against PyTorch fp32's on the same x_T
+        for measure in ("ddim", "ddpm"):
+            base = report["rows"].get("pytorch-fp32", {}).get(measure, {}).get("frechet_distance")
+            if base and "frechet_distance" in entry.get(measure, {}):
+                entry[measure]["frechet_change"] = entry[measure]["frechet_distance"] / base - 1
+    return report
+
+
+def print_table(report: dict) -> None:
     print(f"\n{report['model']}: bits/dim on {report['images']} {report['dataset']} images (same x_t for every row); "
-          f"samples: {report['samples']} from the same x_T, against the float32 row of the same runtime; "
-          f"{report['threads']} threads, {report['wall_s']:.0f} s wall, {report['cpu_s']:.0f} s CPU.")
+          f"samples from the same x_T, pixel agreement against the float32 row of the same runtime, Frechet "
+          f"distance of the digit classifier's features to {report['reference']}; {report['threads']} threads, "
+          f"{report['wall_s']:.0f} s wall, {report['cpu_s']:.0f} s CPU.")
     quality = report["int8_eps_quality"]
-    print(f"int8 eps error on held-out x_t: L_simple {quality['loss_rise']:+.2%}, Eq. 12-weighted "
-          f"{quality['bound_rise']:+.2%}, relative RMS change of eps {quality['eps_relative_rms']:.2%}.\n")
-    ddim, ddpm = f"ddim{args.ddim_steps}_vs_fp32", f"ddpm{args.ddpm_steps}_vs_fp32"
-    print(f"| precision | bits/dim | vs PyTorch fp32 | DDIM-{args.ddim_steps} mean / max abs pixel diff | same label | "
-          f"DDPM-{args.ddpm_steps} mean / max abs pixel diff | same label |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    if quality:
+        print(f"int8 eps error on held-out x_t: L_simple {quality['loss_rise']:+.2%}, Eq. 12-weighted "
+              f"{quality['bound_rise']:+.2%}, relative RMS change of eps {quality['eps_relative_rms']:.2%}.")
+    ddim, ddpm = f"DDIM-{report['ddim_steps']}", f"DDPM-{report['ddpm_steps']}"
+    print(f"\n| precision | bits/dim | vs PyTorch fp32 | {ddim} n | {ddim} Frechet (vs fp32) | {ddim} mean / max abs "
+          f"pixel diff | same label | {ddpm} n | {ddpm} Frechet (vs fp32) | {ddpm} mean / max abs pixel diff | same label |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in report["rows"].items():
-        cells = [name, f"{row['bits_per_dim']:.4f}", f"{row['bits_per_dim_change']:+.2%}"]
-        for key in (ddim, ddpm):
-            cells += [f"{row[key]['mean_abs_pixel']:.2f} / {row[key]['max_abs_pixel']}",
-                      f"{row[key]['same_label']:.0%}" if "same_label" in row[key] else "-"]
+        cells = [name, f"{row['bits_per_dim']:.4f}" if "bits_per_dim" in row else "-",
+                 f"{row['bits_per_dim_change']:+.2%}" if "bits_per_dim_change" in row else "-"]
+        for key in ("ddim", "ddpm"):
+            result = row.get(key, {})
+            frechet = f"{result['frechet_distance']:.2f}" if "frechet_distance" in result else "-"
+            if "frechet_change" in result:
+                frechet += f" ({result['frechet_change']:+.1%})"
+            pixels = result.get("vs_fp32", {})
+            cells += [str(result.get("n", "-")), frechet,
+                      f"{pixels['mean_abs_pixel']:.2f} / {pixels['max_abs_pixel']}" if pixels else "-",
+                      f"{pixels['same_label']:.0%}" if "same_label" in pixels else "-"]
         print("| " + " | ".join(cells) + " |")
 
 

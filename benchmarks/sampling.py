@@ -8,7 +8,12 @@ Backends (one process each: torch and onnxruntime in one process oversubscribe t
   `torch_dtype=torch.bfloat16` with `--paper-bf16 dtype`, and with the UNet in channels-last memory format, as
   diffusers' CPU advice has it, with `--paper-bf16 dtype-channels-last`);
 - `onnx-dynamo`, `onnx-torchscript`: `OnnxDDPMPipeline` on the float32 graphs of the two exporters;
-- `onnx-int8`: `OnnxDDPMPipeline` on `ddpm export --quantize int8`'s graph.
+- `onnx-int8`: `OnnxDDPMPipeline` on `ddpm export --quantize int8`'s graph;
+- with `--onnx-variants`, the ONNX backends again with one session setting changed, as rows of their own
+  (`onnx-int8+threads1`: one intra-op thread; `+spinning`: idle intra-op threads spin instead of sleeping;
+  `+spin100us`: they spin for at most 100 microseconds, then sleep;
+  `+extended`: graph optimisations up to ORT_ENABLE_EXTENDED, without the NCHWc layout and its reorder nodes),
+  so a per-step lever is judged against the spread of the same interleaved run.
 
 How the numbers are made trustworthy:
 
@@ -58,6 +63,8 @@ ONNX_FOLDERS = {"onnx-dynamo": "onnx", "onnx-torchscript": "onnx-torchscript", "
 INSTRUCTION_SETS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
                     "amx_tile", "amx_bf16", "amx_int8")
 MATMUL_SIZE = 2048
+# One session setting changed from `session_options`'s, for the per-step levers of small graphs.
+ONNX_VARIANTS = ("threads1", "spinning", "spin100us", "extended")
 
 
 @dataclass(frozen=True)
@@ -132,11 +139,40 @@ def cpu_name() -> str:
 # --- Workers: one backend in its own process, told over stdin when to run. ---
 
 
-def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads: int, paper_bf16: str) -> Callable[[], None]:
-    if backend.startswith("onnx"):
-        from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
+def backend_variant(backend: str) -> tuple[str, str | None]:
+    """(`BACKENDS` entry, `ONNX_VARIANTS` entry or None) of a row name such as `onnx-int8+threads1`."""
+    base, _, variant = backend.partition("+")
+    if base not in BACKENDS or (variant and (variant not in ONNX_VARIANTS or base not in ONNX_FOLDERS)):
+        raise ValueError(f"unknown backend {backend!r}: one of {BACKENDS}, an ONNX one with +{'|+'.join(ONNX_VARIANTS)}.")
+    return base, variant or None
 
-        pipe = OnnxDDPMPipeline.from_pretrained(model / ONNX_FOLDERS[backend], provider="cpu", num_threads=threads)
+
+def load_onnx_pipeline(folder: Path, threads: int, variant: str | None):
+    """`OnnxDDPMPipeline` on CPU with `session_options(threads)`, changed as `variant` says."""
+    import onnxruntime as ort
+
+    from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
+    from ddpm_plugin.export.providers import CPU, session_options
+    from ddpm_plugin.vocabulary import ONNX_MODEL_FILE
+
+    pipe = OnnxDDPMPipeline.from_pretrained(folder, provider="cpu", num_threads=threads)
+    if variant is None:
+        return pipe
+    options = session_options(1 if variant == "threads1" else threads)
+    if variant in ("spinning", "spin100us"):
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    if variant == "spin100us":
+        options.add_session_config_entry("session.intra_op.spin_duration_us", "100")
+    if variant == "extended":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    session = ort.InferenceSession(str(folder / ONNX_MODEL_FILE), options, providers=[CPU])
+    return OnnxDDPMPipeline(session, pipe.scheduler_config, pipe.metadata)
+
+
+def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads: int, paper_bf16: str) -> Callable[[], None]:
+    base, variant = backend_variant(backend)
+    if base.startswith("onnx"):
+        pipe = load_onnx_pipeline(model / ONNX_FOLDERS[base], threads, variant)
         return lambda: pipe(batch_size=batch_size, num_inference_steps=steps, seed=0, progress_bar=False)
 
     import contextlib
@@ -148,7 +184,7 @@ def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads
         from diffusers import DDPMPipeline as pipeline_class
     else:
         from ddpm_plugin import DDPMPaperPipeline as pipeline_class
-    bf16 = PRECISION[backend] == "bf16"
+    bf16 = PRECISION[base] == "bf16"
     by_dtype = bf16 and backend.startswith("paper") and paper_bf16.startswith("dtype")
     pipe = pipeline_class.from_pretrained(model, **({"torch_dtype": torch.bfloat16} if by_dtype else {}))
     if by_dtype and paper_bf16 == "dtype-channels-last":
@@ -263,7 +299,7 @@ def best_rate(function: Callable[[], object], operations: float) -> float:
 # --- Parent: models, exports, the interleaved runs, the table. ---
 
 
-def prepare_model(model: str, folder: Path, int8_budget: float | None) -> tuple[Path, float]:
+def prepare_model(model: str, folder: Path, int8_budget: float | None, keep_float: tuple[str, ...] | None = None) -> tuple[Path, float]:
     """The pipeline folder of `model` with its three exports, and the UNet's GFLOP per image per step."""
     import numpy as np
     import torch
@@ -290,7 +326,8 @@ def prepare_model(model: str, folder: Path, int8_budget: float | None) -> tuple[
     for item in ("unet", "scheduler", "model_index.json"):  # the exports live beside a copy of the pipeline
         target = path / item
         target.symlink_to((source / item).resolve(), target_is_directory=(source / item).is_dir())
-    int8 = Int8Settings(calibration_data=calibration_data, **({} if int8_budget is None else {"budget": int8_budget}))
+    int8 = Int8Settings(calibration_data=calibration_data, **({} if int8_budget is None else {"budget": int8_budget}),
+                        **({} if keep_float is None else {"keep_float": keep_float}))
     if calibration_data is None and (source / "training_config.json").is_file():
         (path / "training_config.json").symlink_to((source / "training_config.json").resolve())
     for backend, folder_name in ONNX_FOLDERS.items():
@@ -307,13 +344,13 @@ def prepare_model(model: str, folder: Path, int8_budget: float | None) -> tuple[
     return path, counter.get_total_flops() / 1e9
 
 
-def measure_case(case: Case, model: Path, threads: int, repeats: int, paper_bf16: str) -> dict[str, dict]:
+def measure_case(case: Case, model: Path, threads: int, repeats: int, paper_bf16: str, backends: Sequence[str]) -> dict[str, dict]:
     arguments = ["--pipeline", str(model), "--batch-size", str(case.batch_size), "--steps", str(case.num_inference_steps),
                  "--threads", str(threads), "--paper-bf16", paper_bf16]
-    workers = {backend: Worker(backend, arguments) for backend in BACKENDS}  # loaded one at a time
-    runs: dict[str, list[dict]] = {backend: [] for backend in BACKENDS}
+    workers = {backend: Worker(backend, arguments) for backend in backends}  # loaded one at a time
+    runs: dict[str, list[dict]] = {backend: [] for backend in backends}
     try:
-        for backend in interleaved(BACKENDS, repeats):
+        for backend in interleaved(backends, repeats):
             runs[backend].append(workers[backend].run())
     finally:
         finals = {backend: worker.close() for backend, worker in workers.items()}
@@ -323,7 +360,7 @@ def measure_case(case: Case, model: Path, threads: int, repeats: int, paper_bf16
             "cpu": Timing.of([run["cpu_s"] for run in runs[backend]]),
             **workers[backend].started, **finals[backend],
         }
-        for backend in BACKENDS
+        for backend in backends
     }
 
 
@@ -334,12 +371,13 @@ def table_rows(case: Case, results: dict[str, dict], gflop_per_image_step: float
         wall, cpu = result["wall"], result["cpu"]
         speedups = [f"{results[baseline]['wall'].median / wall.median:.2f}x" for baseline in BASELINES]
         rate = gflop_per_image_step * case.batch_size * case.num_inference_steps / wall.median
-        peak = roofline[PRECISION[backend]].median
+        precision = PRECISION[backend_variant(backend)[0]]
+        peak = roofline[precision].median
         step = wall.scaled(per_step)
         rows.append([
             Path(case.model).name, str(case.batch_size), str(case.num_inference_steps), backend,
             f"{step.minimum:.2f} / {step.median:.2f} / {step.maximum:.2f}", f"{wall.spread:.0%}" + (" NOISY" if wall.noisy else ""),
-            f"{cpu.median * per_step:.2f}", *speedups, f"{rate:.0f} ({rate / peak:.0%} of {PRECISION[backend]})",
+            f"{cpu.median * per_step:.2f}", *speedups, f"{rate:.0f} ({rate / peak:.0%} of {precision})",
             f"{result['cold_start_s']:.1f}", f"{result['peak_rss_mib']:.0f}",
         ])
     return rows
@@ -365,9 +403,13 @@ def main() -> None:
     parser.add_argument("--paper-bf16", choices=("autocast", "dtype", "dtype-channels-last"), default="autocast",
                         help="how paper-bf16 runs: torch.autocast, from_pretrained(torch_dtype=torch.bfloat16), or "
                              "that with the UNet in channels-last memory format")
+    parser.add_argument("--int8-keep-float", default=None,
+                        help="layer groups the int8 exports keep in float32, comma-separated (default: ddpm export's)")
     parser.add_argument("--int8-budget", type=float, default=None,
                         help="quality budget of the int8 exports of trained models (default: ddpm export's)")
-    parser.add_argument("--worker", choices=(*BACKENDS, "roofline"), help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-variants", default="",
+                        help=f"also time the ONNX backends with one session setting changed: {', '.join(ONNX_VARIANTS)}")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--process-started", type=float, help=argparse.SUPPRESS)
@@ -378,6 +420,10 @@ def main() -> None:
         return run_worker(args)
     if args.repeats < MIN_REPEATS:
         parser.error(f"--repeats must be at least {MIN_REPEATS}, got {args.repeats}")
+    variants = [variant for variant in args.onnx_variants.split(",") if variant]
+    if set(variants) - set(ONNX_VARIANTS):
+        parser.error(f"--onnx-variants takes {', '.join(ONNX_VARIANTS)}, got {args.onnx_variants!r}")
+    backends = [*BACKENDS, *(f"{base}+{variant}" for variant in variants for base in ("onnx-dynamo", "onnx-int8"))]
 
     from ddpm_plugin.export.providers import physical_cpu_count
 
@@ -392,13 +438,14 @@ def main() -> None:
         for name in dict.fromkeys(case.model for case in cases):
             # Random-weight presets need no quality budget: their int8 graphs are only timed.
             budget = args.int8_budget if name in ("digits", "mnist") or Path(name).is_dir() else 1.0
-            models[name] = prepare_model(name, Path(scratch), budget)
+            keep_float = None if args.int8_keep_float is None else tuple(filter(None, args.int8_keep_float.split(",")))
+            models[name] = prepare_model(name, Path(scratch), budget, keep_float)
         after = spawn_roofline(threads)
         roofline = {name: Timing.of([before[name], after[name]]) for name in ("fp32", "bf16", "int8")}
         # GFLOP/s is a rate, so the roofline's "median" of two is their mean; rows use it as the peak.
         for case in cases:
             path, gflop = models[case.model]
-            results = measure_case(case, path, threads, args.repeats, args.paper_bf16)
+            results = measure_case(case, path, threads, args.repeats, args.paper_bf16, backends)
             for backend, result in results.items():
                 step = result["wall"].scaled(1000 / case.num_inference_steps)
                 print(f"# {case} {backend}: {step.minimum:.2f} / {step.median:.2f} / {step.maximum:.2f} ms/step", flush=True)
