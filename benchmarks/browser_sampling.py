@@ -1,19 +1,25 @@
 """Browser sampling speed: onnxruntime-web in headless Chromium (WASM, 1 and 2 threads) against
 `OnnxDDPMPipeline` (native onnxruntime) on the same model, in the same run; the time from opening the page to
-its first DDIM image; what the page downloads; and whether an fp16 or int8 weight-only model is worth offering.
+its first DDIM image; what the page downloads; and what storing the weights as fp16 or int8 saves and costs.
 
 On a shared machine the OS takes the core away for tens of milliseconds at a time, which a mean would count
 as the sampler's: each case reports the median and the fastest step of its runs, and the CPU time per step
 (this process for native, Chromium's renderer processes for the browser: the work done, whoever else runs).
 Native and browser runs alternate, so both see the same neighbours.
 
-The weight-only variants store the weights in a smaller type and convert them back to float32 in the graph
-(fp16: `Cast`; int8: per-output-channel symmetric `DequantizeLinear`), so they run the same float32 kernels.
-Their quality is measured on the same x_T and noise as the float32 model: the largest pixel change of the
-samples and, for the 8x8 digits model, the mean confidence of a digits classifier on them.
+The weight variants store the weights in a smaller type and convert them back to float32 in the graph, so they
+run the same float32 kernels: fp16 is the export as `ddpm export` writes it (every weight that is exactly a
+float16 stored as one, with a `Cast`: what the page downloads), fp32 the same graph with those weights stored
+as float32 again, int8 the fp32 weights quantized per output channel (symmetric `DequantizeLinear`). Their
+quality is measured on the same x_T and noise as the fp32 model: the largest pixel change of the samples and,
+for the 8x8 digits model, the mean confidence of a digits classifier on them.
 
-    python benchmarks/browser_sampling.py                 # the bundled digits model, about 3-5 minutes
+The session-options part times the UNet call alone (`session.run`) under each of SESSION_OPTIONS, to show which
+onnxruntime-web options are worth setting in the page.
+
+    python benchmarks/browser_sampling.py                 # the bundled (MNIST) model, about 6-8 minutes
     python benchmarks/browser_sampling.py --model DIR     # a pipeline folder with onnx/, or an export folder
+    python benchmarks/browser_sampling.py --parts first-image,weights   # some of the tables (PARTS)
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ THREADS = (1, 2)
 QUALITY_SAMPLES = 64  # images per variant for the quality columns
 QUALITY_STEPS = 50  # DDIM steps of the quality samples
 FIRST_IMAGE_RUNS = 3
+PARTS = ("speed", "session-options", "first-image", "weights")  # the tables, in the order printed
 TIMEOUT_MS = 600_000  # page loads and waits: a loaded shared machine can take minutes
 
 
@@ -56,24 +63,46 @@ def prepare_export(model: Path, folder: Path) -> Path:
     return folder
 
 
-def weight_only_variant(export: Path, folder: Path, kind: str) -> Path:
-    """The export with its weights stored as fp16 or int8 and converted back to float32 inside the graph."""
+def float32_variant(export: Path, folder: Path) -> Path:
+    """The export with its float16-stored weights (a float16 initializer behind a `Cast` to float32) stored as
+    float32 initializers again: the file `ddpm export` wrote before it stored them as float16."""
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(export, folder)
+    model = onnx.load(str(export / "model.onnx"))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    casts = [node for node in graph.node if node.op_type == "Cast" and node.input[0] in initializers
+             and initializers[node.input[0]].data_type == onnx.TensorProto.FLOAT16]
+    stored = {node.input[0] for node in casts}
+    widened = [numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32),
+                                       node.output[0]) for node in casts]
+    kept = [init for init in graph.initializer if init.name not in stored] + widened
+    cast_ids = {id(node) for node in casts}
+    nodes = [node for node in graph.node if id(node) not in cast_ids]
+    del graph.initializer[:], graph.node[:]
+    graph.initializer.extend(kept)
+    graph.node.extend(nodes)
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder
+
+
+def int8_variant(export: Path, folder: Path) -> Path:
+    """The float32 export with its Conv, MatMul and Gemm weights stored as int8 (symmetric, one scale per output
+    channel) and converted back to float32 inside the graph by `DequantizeLinear`."""
     import onnx
     from onnx import helper, numpy_helper
 
     shutil.copytree(export, folder)
     model = onnx.load(str(export / "model.onnx"))
     graph = model.graph
-    axes = _output_channel_axes(graph) if kind == "int8" else {}
+    axes = _output_channel_axes(graph)
     converters, kept = [], []
     for init in graph.initializer:
         weights = numpy_helper.to_array(init)
-        if weights.dtype != np.float32 or weights.size < 256 or (kind == "int8" and init.name not in axes):
+        if weights.dtype != np.float32 or weights.size < 256 or init.name not in axes:
             kept.append(init)
-            continue
-        if kind == "fp16":
-            kept.append(numpy_helper.from_array(weights.astype(np.float16), f"{init.name}__fp16"))
-            converters.append(helper.make_node("Cast", [f"{init.name}__fp16"], [init.name], to=onnx.TensorProto.FLOAT))
             continue
         axis = axes[init.name]
         reduce_axes = tuple(a for a in range(weights.ndim) if a != axis)
@@ -188,19 +217,67 @@ def speed_table(browser: Any, url: str, export: Path, batch_sizes: list[int], st
     return rows
 
 
-def first_image(browser: Any, url: str, threads: int) -> tuple[float, float, list[str]]:
-    """(ready, first image) in ms from opening the page (a fresh browser context: nothing cached), and the
-    URLs it requested. The page's default request: DDIM, 50 steps, 4 images."""
+# onnxruntime-web session options tried for the page (the page uses the first); `batch` stands for the batch size.
+SESSION_OPTIONS = {
+    "graphOptimizationLevel all (the page's)": {"graphOptimizationLevel": "all"},
+    "+ freeDimensionOverrides batch": {"graphOptimizationLevel": "all", "freeDimensionOverrides": {"batch": "batch"}},
+    "+ executionMode parallel": {"graphOptimizationLevel": "all", "executionMode": "parallel"},
+    "+ no memory pattern, no arena": {"graphOptimizationLevel": "all", "enableMemPattern": False,
+                                      "enableCpuMemArena": False},
+    "+ intra-op threads do not spin": {"graphOptimizationLevel": "all",
+                                       "extra": {"session": {"intra_op.allow_spinning": "0"}}},
+}
+SESSION_RUN_JS = """async ({options, batch, runs}) => {
+  const ort = await import('./ort/ort.wasm.min.mjs');  // the page's own module: its WASM and threads
+  const bytes = new Uint8Array(await (await fetch('model/model.onnx')).arrayBuffer());
+  const metadata = await (await fetch('model/ddpm_onnx.json')).json();
+  if (options.freeDimensionOverrides) options = {...options, freeDimensionOverrides: {batch}};
+  const session = await ort.InferenceSession.create(bytes, {executionProviders: ['wasm'], ...options});
+  const size = metadata.sample_size;
+  const x = new Float32Array(batch * metadata.in_channels * size * size).map(() => Math.random() * 2 - 1);
+  const times = [];
+  for (let i = 0; i < runs; i++) {
+    const [sample, timestep] = metadata.input_names;
+    const feeds = {[sample]: new ort.Tensor('float32', x, [batch, metadata.in_channels, size, size]),
+                   [timestep]: new ort.Tensor('int64', new BigInt64Array(batch).fill(500n), [batch])};
+    const started = performance.now();
+    await session.run(feeds);
+    times.push(performance.now() - started);
+  }
+  await session.release();
+  return times;
+}"""
+
+
+def session_options_table(browser: Any, url: str, batch_sizes: list[int], runs: int, repeats: int) -> list[list[str]]:
+    """ms of the UNet call alone (`session.run`) under each of SESSION_OPTIONS, 2 WASM threads: the median and
+    the fastest of `repeats` sessions of `runs` calls, the option sets interleaved."""
+    page = open_page(browser, f"{url}?autorun=0&threads={THREADS[-1]}")
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(repeats):
+        for name, options in SESSION_OPTIONS.items():
+            for batch in batch_sizes:
+                result = page.evaluate(SESSION_RUN_JS, {"options": options, "batch": batch, "runs": runs})
+                times.setdefault((name, batch), []).extend(result[3:])  # the first calls warm the session up
+    page.close()
+    return [[name, str(batch), f"{statistics.median(values):.2f}", f"{min(values):.2f}"]
+            for (name, batch), values in times.items()]
+
+
+def first_image(browser: Any, url: str, threads: int) -> tuple[dict[str, float], list[str]]:
+    """The page's timings in ms from opening it in a fresh browser context (nothing cached): onnxruntime-web
+    loaded (`runtime`), the model downloaded (`modelFetched`), the session ready (`ready`), the first image and
+    all images of the page's default request (DDIM, 50 steps, 4 images) on screen; and the URLs it requested."""
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
     page.goto(f"{url}?threads={threads}", wait_until="commit")
-    page.wait_for_function("window.ddpm && window.ddpm.timings.firstImage !== null")
+    page.wait_for_function("window.ddpm && window.ddpm.timings.allImages !== null")
     timings = page.evaluate("window.ddpm.timings")
     context.close()
-    return timings["ready"], timings["firstImage"], requested
+    return timings, requested
 
 
 def digits_confidence(images: np.ndarray) -> float | None:
@@ -250,19 +327,53 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def print_first_image(browser: Any, url: str, export: Path) -> None:
+    print(f"\nOpening the page to its first image (fresh context, nothing cached; the page's default request: "
+          f"DDIM 50 steps, 4 images, the first sampled alone; median of {FIRST_IMAGE_RUNS} loads):\n")
+    rows, requested = [], []
+    keys = ("runtime", "modelFetched", "ready", "firstImage", "allImages")
+    for threads in THREADS:
+        runs = [first_image(browser, url, threads) for _ in range(FIRST_IMAGE_RUNS)]
+        requested = runs[-1][1]
+        rows.append([str(threads)] + [f"{statistics.median(r[0][key] for r in runs) / 1e3:.2f}" for key in keys])
+    print(markdown(["threads", "runtime loaded (s)", "model downloaded (s)", "session ready (s)", "first image (s)",
+                    "all 4 images (s)"], rows))
+    files = site.site_files(export)
+    fetched = [files[address.removeprefix(url).split("?")[0]] for address in requested if address.startswith(url)]
+    raw, compressed = download_bytes(fetched)
+    model_raw, model_compressed = download_bytes([export / "model.onnx"])
+    print(f"\nDownload: {len(fetched)} files, {raw / 1e6:.2f} MB ({compressed / 1e6:.2f} MB gzipped), of which the "
+          f"model {model_raw / 1e6:.2f} MB ({model_compressed / 1e6:.2f} MB gzipped).")
+
+
+def print_weights(browser: Any, variants: dict[str, Path], url_of: dict[str, str], steps: int) -> None:
+    print(f"\nWeights stored as (fp16: the export as written, what the page downloads; browser: 1 thread, batch 1, "
+          f"{steps} DDIM steps; quality: {QUALITY_SAMPLES} samples, DDIM {QUALITY_STEPS} steps, eta 1, the same "
+          "noise as fp32):\n")
+    rows = variant_table(browser, variants, url_of, steps)
+    print(markdown(["weights", "model (MB)", "gzipped (MB)", "browser min (ms/step)", "browser CPU (ms/step)",
+                    "max |Δ| vs fp32 (of 255)", "mean |Δ| (of 255)", "digits confidence"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="pipeline folder with onnx/, or an export (default: bundled)")
     parser.add_argument("--steps", type=int, default=100, help="DDIM steps per timed run (default: %(default)s)")
     parser.add_argument("--batch-sizes", default="1,4", help="comma-separated (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (default: %(default)s)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated parts to run, of: %(default)s (default: all)")
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts must be a comma-separated subset of {','.join(PARTS)}, got '{args.parts}'")
     from playwright.sync_api import sync_playwright
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as playwright:
-        export = prepare_export(resolve_model(args.model), Path(tmp) / "fp32")
-        variants = {"fp32": export, **{kind: weight_only_variant(export, Path(tmp) / kind, kind) for kind in ("fp16", "int8")}}
+        export = prepare_export(resolve_model(args.model), Path(tmp) / "fp16")  # as written: what the page serves
+        fp32 = float32_variant(export, Path(tmp) / "fp32")
+        variants = {"fp32": fp32, "fp16": export, "int8": int8_variant(fp32, Path(tmp) / "int8")}
         servers = {name: site.serve(folder) for name, folder in variants.items()}
         url_of = {name: f"http://127.0.0.1:{server.server_port}/" for name, server in servers.items()}
         browser = launch_chromium(playwright)
@@ -271,34 +382,21 @@ def main() -> None:
         print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, load average "
               f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; Chromium {browser.version}, onnxruntime-web "
               f"{json.loads((site.ORT_DIST.parent / 'package.json').read_text())['version']}")
-        print(f"\nms per DDIM step ({args.repeats} runs of {args.steps} steps); native = OnnxDDPMPipeline on "
-              "onnxruntime's CPU provider, browser = the page's loop on onnxruntime-web WASM (SIMD):\n")
-        rows = speed_table(browser, url_of["fp32"], export, batch_sizes, args.steps, args.repeats)
-        print(markdown(["threads", "batch", "native wall (median / min)", "native CPU", "browser wall (median / min)",
-                        "browser CPU", "browser / native (min)", "(CPU)"], rows))
-
-        print("\nOpening the page to its first image (fresh context, nothing cached; DDIM 50 steps, 4 images):\n")
-        rows, requested = [], []
-        for threads in THREADS:
-            runs = [first_image(browser, url_of["fp32"], threads) for _ in range(FIRST_IMAGE_RUNS)]
-            requested = runs[-1][2]
-            ready, shown = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-            rows.append([str(threads), f"{ready / 1e3:.2f}", f"{shown / 1e3:.2f}"])
-        print(markdown(["threads", "model ready (s)", "first image (s)"], rows))
-        files = site.site_files(export)
-        fetched = [files[url.removeprefix(url_of["fp32"]).split("?")[0]] for url in requested
-                   if url.startswith(url_of["fp32"])]
-        raw, compressed = download_bytes(fetched)
-        model_raw, model_compressed = download_bytes([export / "model.onnx"])
-        print(f"\nDownload: {len(fetched)} files, {raw / 1e6:.2f} MB ({compressed / 1e6:.2f} MB gzipped), of which the "
-              f"model {model_raw / 1e6:.2f} MB ({model_compressed / 1e6:.2f} MB gzipped).")
-
-        print(f"\nWeight-only variants (browser: 1 thread, batch 1, {args.steps} DDIM steps; quality: {QUALITY_SAMPLES} "
-              f"samples, DDIM {QUALITY_STEPS} steps, eta 1, the same noise as fp32):\n")
-        rows = variant_table(browser, variants, url_of, args.steps)
-        print(markdown(["weights", "model (MB)", "gzipped (MB)", "browser min (ms/step)", "browser CPU (ms/step)",
-                        "max |Δ| vs fp32 (of 255)",
-                        "mean |Δ| (of 255)", "digits confidence"], rows))
+        if "speed" in parts:
+            print(f"\nms per DDIM step ({args.repeats} runs of {args.steps} steps); native = OnnxDDPMPipeline on "
+                  "onnxruntime's CPU provider, browser = the page's loop on onnxruntime-web WASM (SIMD):\n")
+            rows = speed_table(browser, url_of["fp16"], export, batch_sizes, args.steps, args.repeats)
+            print(markdown(["threads", "batch", "native wall (median / min)", "native CPU", "browser wall (median / min)",
+                            "browser CPU", "browser / native (min)", "(CPU)"], rows))
+        if "session-options" in parts:
+            print(f"\nms per UNet call alone (session.run; {THREADS[-1]} WASM threads, {args.repeats} sessions of "
+                  f"{args.steps} calls per case, interleaved), by onnxruntime-web session options:\n")
+            rows = session_options_table(browser, url_of["fp16"], batch_sizes, args.steps, args.repeats)
+            print(markdown(["session options", "batch", "median (ms)", "min (ms)"], rows))
+        if "first-image" in parts:
+            print_first_image(browser, url_of["fp16"], export)
+        if "weights" in parts:
+            print_weights(browser, variants, url_of, args.steps)
         browser.close()
         for server in servers.values():
             server.shutdown()
