@@ -38,10 +38,11 @@ class BuildPy(build_py):
     def run(self) -> None:
         super().run()
         names = ort_files()
+        target = Path(self.build_lib) / ORT_PACKAGED
+        shutil.rmtree(target, ignore_errors=True)  # build/lib outlives builds: no stale copy may go into a wheel
         if self.editable_mode or not all((ORT_DIST / name).is_file() for name in names):
             return
-        target = Path(self.build_lib) / ORT_PACKAGED
-        target.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True)
         for name in names:
             shutil.copyfile(ORT_DIST / name, target / name)
 
