@@ -386,8 +386,8 @@ def main() -> None:
             print(f"\nms per DDIM step ({args.repeats} runs of {args.steps} steps); native = OnnxDDPMPipeline on "
                   "onnxruntime's CPU provider, browser = the page's loop on onnxruntime-web WASM (SIMD):\n")
             rows = speed_table(browser, url_of["fp16"], export, batch_sizes, args.steps, args.repeats)
-            print(markdown(["threads", "batch", "native wall (median / min)", "native CPU", "browser wall (median / min)",
-                            "browser CPU", "browser / native (min)", "(CPU)"], rows))
+            print(markdown(["threads", "batch", "native wall (median / min)", "native CPU",
+                            "browser wall (median / min)", "browser CPU", "browser / native (min)", "(CPU)"], rows))
         if "session-options" in parts:
             print(f"\nms per UNet call alone (session.run; {THREADS[-1]} WASM threads, {args.repeats} sessions of "
                   f"{args.steps} calls per case, interleaved), by onnxruntime-web session options:\n")

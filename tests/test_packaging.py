@@ -139,10 +139,10 @@ def test_all_extras_install_runs_every_command(wheel, tmp_path, free_port):
                 time.sleep(1)
         assert "gradio" in page.lower(), server.stdout.read() if server.poll() is not None else "no page"
         if ORT_DIST.is_dir():  # the browser page's runtime, served from the installed package
-            status = None
+            runtime, status = f"http://127.0.0.1:{port}/web/ort/{ORT_FILES[0]}", None
             while status != 200 and time.monotonic() < deadline + 30:  # the page is mounted after Gradio starts
                 try:
-                    status = urllib.request.urlopen(f"http://127.0.0.1:{port}/web/ort/{ORT_FILES[0]}", timeout=10).status
+                    status = urllib.request.urlopen(runtime, timeout=10).status
                 except OSError:
                     time.sleep(1)
             assert status == 200

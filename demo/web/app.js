@@ -23,7 +23,9 @@ const IMAGES_PER_BATCH = 4;
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
-const timings = { runtime: null, modelFetched: null, ready: null, firstImage: null, allImages: null };  // ms since the page started loading (performance.now)
+// ms since the page started loading (performance.now): onnxruntime-web loaded, the model downloaded, the session
+// ready, the first image and all images of the first request on screen.
+const timings = { runtime: null, modelFetched: null, ready: null, firstImage: null, allImages: null };
 
 // --- Loading. ---
 
