@@ -21,6 +21,7 @@ from ddpm_plugin.export.quantize import (
     Int8Settings,
     denoising_inputs,
     eps_error_weights,
+    last_up_block_index,
     layer_group,
     predict_eps,
     quantization_quality,
@@ -75,15 +76,20 @@ def test_weighted_inputs_put_t_where_the_bound_weighs_the_eps_error(diffusion, d
 def test_layer_groups_are_found_in_both_exporters_graphs(exporter, tiny_pipeline_dir, tmp_path):
     report = export_onnx(tiny_pipeline_dir, tmp_path / "onnx", exporter=exporter, seed=0)
     model = onnx.load(str(report.model_path))
+    last_up_block = last_up_block_index(model)
     groups: dict[str | None, list[str]] = {}
     for node in model.graph.node:
         if node.op_type in ("Conv", "MatMul", "Gemm"):
-            groups.setdefault(layer_group(node), []).append(node.op_type)
+            groups.setdefault(layer_group(node, last_up_block), []).append(node.op_type)
     # The tiny digits UNet: one attention block in each of down/mid/up (q, k, v, out and two products: 6 MatMuls
     # each), time embedding MLP (2) plus one projection per resnet (1 + 1 down, 2 mid, 2 + 2 up).
     assert groups["conv_in"] == ["Conv"] and groups["conv_out"] == ["Conv"]
     assert sorted(set(groups["attention"])) == ["MatMul"] and len(groups["attention"]) % 6 == 0
     assert len(groups["time_embedding"]) == 2 + 8
+    # Full resolution: the first down block's resnet (conv1, conv2) and downsampler; the last up block's two
+    # resnets (conv1, conv2 and the 1x1 shortcut each, as their inputs carry the skip connections).
+    assert last_up_block == 1
+    assert groups["first_down_block"] == ["Conv"] * 3 and groups["last_up_block"] == ["Conv"] * 6
     assert set(groups[None]) == {"Conv"}
 
 
