@@ -236,8 +236,7 @@ def export_onnx(
     try:
         model_path = staging / ONNX_MODEL_FILE
         _export(epsilon_model(unet, fp16), image_shape, model_path, opset, exporter)
-        _freeze_reshape_targets(model_path)
-        float16_weights = _store_exact_float16_weights(model_path) if precision == "fp32" else 0
+        float16_weights = _rewrite_graph(model_path, store_float16=precision == "fp32")
         max_abs_error = _max_abs_error(model_path, reference, image_shape, validation_batch_size, seed)
         if not max_abs_error <= tolerance:
             raise OnnxValidationError(
@@ -381,7 +380,19 @@ def _export(model: Any, image_shape: tuple[int, int, int], path: Path, opset: in
         _check_float32_interface(path)
 
 
-def _freeze_reshape_targets(path: Path) -> int:
+def _rewrite_graph(path: Path, store_float16: bool) -> int:
+    """The exported graph at `path`, loaded and saved once: its reshape targets frozen and, with `store_float16`,
+    its exactly-float16 weights stored as float16. Returns the number of weights so stored."""
+    import onnx
+
+    model = onnx.load(str(path))
+    _freeze_reshape_targets(model)
+    float16_weights = _store_exact_float16_weights(model) if store_float16 else 0
+    onnx.save(model, str(path))
+    return float16_weights
+
+
+def _freeze_reshape_targets(model: Any) -> int:
     """Replace every `Reshape` target computed at run time (Shape -> Gather -> Unsqueeze -> Concat) by a
     constant, with 0 ("copy the input's dim") for the batch axis, and drop the nodes that computed it.
 
@@ -391,13 +402,13 @@ def _freeze_reshape_targets(path: Path) -> int:
 
     The targets are read from the output shapes of two real runs of the graph, at batch sizes 2 and 3, not
     from shape inference (whose symbolic form differs across onnx/onnxruntime releases and gives up on some
-    dynamo graphs): an axis equal in both runs is a constant, an axis 0 that follows the batch size copies the input's (unless
-    `allowzero` is set, which some exporter releases write), and one other varying axis becomes -1. A target with two varying axes is left computed. Returns the number of
-    targets frozen; validation afterwards checks the result at another batch size.
+    dynamo graphs): an axis equal in both runs is a constant, an axis 0 that follows the batch size copies the
+    input's (unless `allowzero` is set, which some exporter releases write), and one other varying axis becomes
+    -1. A target with two varying axes is left computed. `model` (an `onnx.ModelProto`) is changed in place;
+    returns the number of targets frozen. Validation afterwards checks the result at another batch size.
     """
     import onnx
 
-    model = onnx.load(str(path))
     constants = {init.name for init in model.graph.initializer} | {
         node.output[0] for node in model.graph.node if node.op_type == "Constant"
     }
@@ -424,20 +435,19 @@ def _freeze_reshape_targets(path: Path) -> int:
         node.input[1] = name
         frozen += 1
     _remove_dead_nodes(model.graph)
-    onnx.save(model, str(path))
     return frozen
 
 
-def _store_exact_float16_weights(path: Path) -> int:
+def _store_exact_float16_weights(model: Any) -> int:
     """Store each float32 weight whose every value is a float16 (weights trained or saved in half precision)
     as float16, with a `Cast` back to float32 in front of its users: the file shrinks by up to half and every
     computation, hence every output, stays bit-identical (onnxruntime folds the casts when a session opens).
-    Returns the number of weights so stored; weights with any value float16 cannot hold stay float32.
+    `model` (an `onnx.ModelProto`) is changed in place. Returns the number of weights so stored; weights with any
+    value float16 cannot hold stay float32.
     """
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
     kept, casts = [], []
     for init in graph.initializer:
@@ -457,7 +467,6 @@ def _store_exact_float16_weights(path: Path) -> int:
         nodes = casts + list(graph.node)
         del graph.node[:]
         graph.node.extend(nodes)
-        onnx.save(model, str(path))
     return len(casts)
 
 
