@@ -26,7 +26,7 @@ from ddpm_plugin.demo.backends import MAX_IMAGES, MAX_SEED
 from ddpm_plugin.demo.web import site
 from ddpm_plugin.demo.web.testing import ReplayedNoise, browser_replay_eps, browser_sample, launch_chromium
 from ddpm_plugin.export.coefficients import ARRAYS, COEFFICIENTS_FILE, write_coefficients
-from ddpm_plugin.export.onnx_pipeline import BoundUNet, OnnxDDPMPipeline, inference_timesteps
+from ddpm_plugin.export.onnx_pipeline import BoundUNet, OnnxDDPMPipeline, OnnxModelError, inference_timesteps
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
 
 PARITY_TOLERANCE = 1e-4
@@ -166,6 +166,20 @@ def test_site_files_say_how_to_get_what_is_missing(tmp_path, web_export):
     (folder / COEFFICIENTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=r"python -m ddpm_plugin\.export\.coefficients"):
         site.site_files(folder)
+
+
+def test_site_files_refuse_a_model_file_outside_the_export(tmp_path, web_export):
+    """The page serves only files of the export: metadata naming a model elsewhere is refused, as the Python
+    sampler refuses it, and nothing of the machine is mapped to a URL."""
+    folder = tmp_path / "onnx"
+    shutil.copytree(web_export, folder)
+    metadata = json.loads((folder / "ddpm_onnx.json").read_text())
+    (folder / "ddpm_onnx.json").write_text(json.dumps({**metadata, "model_file": "../../etc/passwd"}))
+    with pytest.raises(OnnxModelError, match="lies outside the export folder"):
+        site.site_files(folder)
+    with pytest.raises(SystemExit) as exit_info:  # the standalone server: one line, no traceback
+        site.main(["--model", str(folder), "--port", "0"])
+    assert exit_info.value.code == 1
 
 
 def _require_ort_web() -> None:

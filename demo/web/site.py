@@ -84,13 +84,15 @@ def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
     Raises:
         `FileNotFoundError`: onnxruntime-web is not installed (`npm ci` in demo/web), or the export lacks a file
         the page reads (`diffusion_coefficients.json` comes from `ddpm_plugin.export.coefficients`).
+        `OnnxModelError`: the export's metadata names a model outside the export folder.
     """
     from ddpm_plugin.export.coefficients import COEFFICIENTS_FILE
-    from ddpm_plugin.export.onnx_pipeline import resolve_export_folder
+    from ddpm_plugin.export.onnx_pipeline import model_file_in, resolve_export_folder
 
     ort_dist = find_ort_dist()
     folder = resolve_export_folder(export_dir)
     model_file = json.loads((folder / ONNX_METADATA_FILE).read_text()).get("model_file", ONNX_MODEL_FILE)
+    model_file_in(folder, model_file)  # the page serves the export's own model, as the Python sampler loads it
     files = {"": WEB_DIR / "index.html", **{name: WEB_DIR / name for name in PAGE_FILES}}
     files.update({f"ort/{name}": ort_dist / name for name in ORT_FILES})
     files.update({f"model/{name}": folder / name for name in (ONNX_METADATA_FILE, COEFFICIENTS_FILE, model_file)})
@@ -208,9 +210,11 @@ def mount_page(app: Any, export_dir: str | os.PathLike, path: str = WEB_PATH) ->
     Returns:
         `str`: the page's URL path, with the trailing slash its relative URLs need (`"/web/"`).
     """
+    from ddpm_plugin.export.onnx_pipeline import OnnxModelError
+
     try:
         page = asgi_app(export_dir)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, OnnxModelError) as error:
         logger.warning("the browser sampler page is off: %s", error)
         page = _unavailable_app(f"The browser sampler is off: {error}")
     app.mount(path, page)
@@ -251,7 +255,7 @@ def write_space(export_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
         `Path`: `output_dir`.
 
     Raises:
-        `FileNotFoundError`: as [`site_files`].
+        `FileNotFoundError`, `OnnxModelError`: as [`site_files`].
         `FileExistsError`: `output_dir` holds files.
     """
     files = site_files(export_dir)
@@ -279,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m ddpm_plugin.demo.web.site [--model DIR] [--port N]`: serve the page until interrupted;
     `... --space FOLDER`: write it as a static Space folder instead."""
     from ddpm_plugin.bundled import resolve_model
+    from ddpm_plugin.export.onnx_pipeline import OnnxModelError
 
     parser = argparse.ArgumentParser(description="Serve the browser sampler page (cross-origin isolated).")
     parser.add_argument("--model", default=None, help="ONNX export or pipeline folder (default: the bundled model)")
@@ -290,14 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.space:
         try:
             folder = write_space(model, args.space)
-        except (FileNotFoundError, FileExistsError) as error:
+        except (FileNotFoundError, FileExistsError, OnnxModelError) as error:
             parser.exit(1, f"error: {error}\n")
         size_mb = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
         print(f"{folder}: a static Space of {size_mb:.1f} MB (upload it as it is).")
         return 0
     try:
         server = serve(model, args.host, args.port)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, OnnxModelError) as error:
         parser.exit(1, f"error: {error}\n")
     print(f"The browser sampler is on http://{args.host}:{server.server_port}/ (Ctrl+C stops it).")
     try:
