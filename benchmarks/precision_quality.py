@@ -22,6 +22,9 @@ what is there: a run that is stopped resumes where it was, and precisions can ru
     python benchmarks/precision_quality.py --model mnist --images 32 --samples 500 --ddpm-samples 100 --bf16 both
 
 bf16 runs under `torch.autocast` (`--bf16 dtype` loads with `torch_dtype=torch.bfloat16` instead; `both`: two rows).
+`--float32-below-t N` adds the time-step-aware rows `<precision>+fp32-below-tN` for bf16 autocast and int8: the
+reduced precision for t >= N, float32 for t < N (where the bound weighs eps errors most, paper Eq. 12), as
+`ddpm export --quantize int8 --float32-below-t N` and `DDPMPaperPipeline(..., float32_below_t=N)` sample.
 """
 
 from __future__ import annotations
@@ -43,7 +46,19 @@ ONNX_PRECISIONS = ("onnx-fp32", "onnx-int8")
 MNIST_TEST = Path(os.environ.get("DDPM_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")) / "mnist_test.npz"
 
 
-class OnnxUNet(torch.nn.Module):
+class StandInUNet(torch.nn.Module):
+    """What the pipeline asks of its UNet besides the call: a float32 network on the CPU."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+class OnnxUNet(StandInUNet):
     """An exported UNet behind `UNet2DModel`'s call, so the PyTorch pipeline and bound can run the ONNX graph."""
 
     def __init__(self, folder: Path, config: Any, threads: int) -> None:
@@ -55,14 +70,6 @@ class OnnxUNet(torch.nn.Module):
         self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(threads), providers=[CPU])
         self.config = config
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> Any:
         from diffusers.models.unets.unet_2d import UNet2DOutput
 
@@ -71,16 +78,60 @@ class OnnxUNet(torch.nn.Module):
         return UNet2DOutput(sample=torch.from_numpy(self.session.run(None, feeds)[0]))
 
 
-def precision_names(bf16: str) -> list[str]:
-    """The rows, in order: `pytorch-bf16-<mode>` for each bf16 mode asked for (`both`: autocast and dtype)."""
+class Float32BelowT(StandInUNet):
+    """eps_theta per element: `reduced` (under `reduced_context`) where t >= `below_t`, `full` in float32 with
+    autocast off where t < `below_t`. The bound's batches mix t, so the split is per element."""
+
+    def __init__(self, reduced: Any, full: Any, below_t: int, reduced_context: Any = contextlib.nullcontext) -> None:
+        super().__init__()
+        self.reduced, self.full, self.below_t, self.reduced_context = reduced, full, below_t, reduced_context
+        self.config = full.config
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> Any:
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        t = torch.as_tensor(timestep, dtype=torch.int64).expand(sample.shape[0])
+        low = t < self.below_t
+        eps = torch.empty(sample.shape, dtype=torch.float32)
+        if bool((~low).any()):
+            with self.reduced_context():
+                eps[~low] = self.reduced(sample[~low], t[~low]).sample.float()
+        if bool(low.any()):
+            with torch.autocast("cpu", enabled=False):
+                eps[low] = self.full(sample[low].float(), t[low]).sample.float()
+        return UNet2DOutput(sample=eps)
+
+
+def scheduled_name(name: str, below_t: int) -> str:
+    return f"{name}+fp32-below-t{below_t}"
+
+
+def precision_names(bf16: str, below_t: int = 0) -> list[str]:
+    """The rows, in order: `pytorch-bf16-<mode>` for each bf16 mode asked for (`both`: autocast and dtype), and
+    with `below_t` the time-step-aware rows of bf16 autocast and int8."""
     modes = BF16_MODES if bf16 == "both" else (bf16,)
-    return ["pytorch-fp32", *(f"pytorch-bf16-{mode}" for mode in modes), *ONNX_PRECISIONS]
+    names = ["pytorch-fp32", *(f"pytorch-bf16-{mode}" for mode in modes), *ONNX_PRECISIONS]
+    if below_t:
+        names += [scheduled_name(name, below_t) for name in ("pytorch-bf16-autocast", "onnx-int8")]
+    return names
+
+
+def runtime_reference(name: str) -> str:
+    """The float32 row of the runtime of row `name`."""
+    return "onnx-fp32" if name.startswith("onnx-") else "pytorch-fp32"
 
 
 def load_precision(name: str, model: Path, onnx_folders: dict[str, Path], threads: int) -> tuple[Any, Any]:
     """(pipeline, context manager factory) of the precision `name` (of `precision_names`)."""
     from ddpm_plugin import DDPMPaperPipeline
 
+    if "+fp32-below-t" in name:
+        base, below_t = name.split("+fp32-below-t")
+        pipe, context = load_precision(base, model, onnx_folders, threads)
+        full = OnnxUNet(onnx_folders["onnx-fp32"], pipe.unet.config, threads) if base in ONNX_PRECISIONS else pipe.unet
+        scheduled = DDPMPaperPipeline(unet=Float32BelowT(pipe.unet, full, int(below_t), context), scheduler=pipe.scheduler)
+        scheduled.set_progress_bar_config(disable=True)
+        return scheduled, contextlib.nullcontext
     if name == "pytorch-bf16-dtype":
         pipe, context = DDPMPaperPipeline.from_pretrained(model, torch_dtype=torch.bfloat16), contextlib.nullcontext
     else:
@@ -153,6 +204,8 @@ def main() -> None:
     parser.add_argument("--int8", default=None, help="an int8 export to measure (default: exported here)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bf16", choices=(*BF16_MODES, "both"), default="autocast")
+    parser.add_argument("--float32-below-t", type=int, default=0,
+                        help="add rows with bf16 autocast / int8 for t >= N and float32 for t < N")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated rows to measure here (default: all; `none`: only the table of what is saved)")
     parser.add_argument("--reference", default=str(MNIST_TEST),
@@ -167,7 +220,7 @@ def main() -> None:
     threads = args.threads or physical_cpu_count()
     torch.set_num_threads(threads)
     model = resolve_model(args.model)
-    names = precision_names(args.bf16)
+    names = precision_names(args.bf16, args.float32_below_t)
     run_here = names if args.precisions is None else [] if args.precisions == "none" else args.precisions.split(",")
     if set(run_here) - set(names):
         raise ValueError(f"`--precisions` names unknown rows {sorted(set(run_here) - set(names))}; the rows are {names}.")
@@ -187,7 +240,7 @@ def main() -> None:
     measures = [("bpd", None), ("ddim", args.ddim_steps), ("ddpm", args.ddpm_steps)]
     with tempfile.TemporaryDirectory() as scratch:
         onnx_folders: dict[str, Path] = {}
-        if set(run_here) & set(ONNX_PRECISIONS):
+        if any(name.startswith("onnx-") for name in run_here):
             onnx_folders, int8_quality = export_graphs(model, Path(scratch), args.int8)
             (rows_dir / "int8_eps_quality.json").write_text(json.dumps(int8_quality, indent=1) + "\n")
         pipes = {name: load_precision(name, model, onnx_folders, threads) for name in run_here}
@@ -230,7 +283,7 @@ def make_report(rows_dir: Path, names: list[str], settings: dict, shape: tuple, 
     report = {**settings, "threads": threads, "rows": {},
               "int8_eps_quality": json.loads(quality_file.read_text()) if quality_file.is_file() else None}
     for name, row in found.items():
-        reference = found["onnx-fp32" if name in ONNX_PRECISIONS else "pytorch-fp32"]
+        reference = found[runtime_reference(name)]
         entry: dict[str, Any] = {}
         if "bpd" in row:
             entry["bits_per_dim"] = float(row["bpd"])

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 from .pipelines.gaussian_diffusion import VarianceType
 
 __all__ = [
-    "BACKENDS", "Backend", "ONNX_METADATA_FILE", "ONNX_MODEL_FILE", "ONNX_SUBFOLDER", "PAPER_VARIANCE_TYPES",
+    "BACKENDS", "Backend", "ONNX_FLOAT32_MODEL_FILE", "ONNX_METADATA_FILE", "ONNX_MODEL_FILE", "ONNX_SUBFOLDER", "PAPER_VARIANCE_TYPES",
     "PIPELINE_MODULE", "PaperVarianceType", "SAMPLERS", "SCHEDULER_CONFIG", "Sampler", "TRAINING_CONFIG_FILE",
     "TRAINING_RUN_FILE", "VarianceType",
     "check_sampler", "check_steps",
@@ -35,6 +35,8 @@ PIPELINE_MODULE = "pipeline_ddpm_paper"  # the pipeline's file in a saved folder
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"  # in a pipeline folder and in an ONNX export
 ONNX_SUBFOLDER = "onnx"  # where a pipeline folder keeps its export (`ddpm export --output DIR/onnx`)
 ONNX_MODEL_FILE = "model.onnx"
+# An int8 export's float32 graph, run for t < `float32_below_t` (time-step-aware precision).
+ONNX_FLOAT32_MODEL_FILE = "model.float32.onnx"
 ONNX_METADATA_FILE = "ddpm_onnx.json"
 TRAINING_CONFIG_FILE = "training_config.json"  # the settings of a run, in its folder and beside a bundled model
 TRAINING_RUN_FILE = "training_run.json"  # beside a bundled model: steps, wall time, command, what was measured

@@ -7,6 +7,7 @@ OUT/
 ├── model.onnx                      # eps_theta: inputs `sample` float32 [B, C, H, W] and `timestep` int64 [B],
 │                                   #   output `noise_pred` float32 [B, C, H, W]; B is dynamic
 ├── model.onnx.data                 # only when the exporter writes the weights as external data (> 2 GB)
+├── model.float32.onnx              # int8 exports: the float32 graph, run for t < `float32_below_t`
 ├── scheduler/scheduler_config.json # copied from the pipeline folder (the training schedule)
 └── ddpm_onnx.json                  # metadata: format, sample_size, in_channels, opset, precision, fp16,
                                     #   max_abs_error, tolerance, preset (or null), source_model, ...
@@ -17,7 +18,10 @@ OUT/
 whole t range, see `ddpm_plugin.export.quantize`). An int8 export's `max_abs_error` is that of the float32 graph
 it was quantized from; its `quality` entry is what the int8 graph was held to instead: the relative rise of the
 eps error over the float32 graph on held-out x_t, within `quality.budget`, and `quantization` says what was
-quantized and calibrated on what. Inputs and outputs are float32 in every precision.
+quantized and calibrated on what. By default an int8 export keeps its float32 graph as `model.float32.onnx`
+(`float32_model_file`) and the sampler runs it for t < `float32_below_t` (time-step-aware precision: the bound
+weighs eps errors at small t most; `quality` prices this schedule). Inputs and outputs are float32 in every
+precision.
 
 A pipeline folder may carry its export in an `onnx/` sub-folder (`ddpm export --model DIR --output DIR/onnx`);
 the demo and the Hub publisher look there. [`OnnxDDPMPipeline`] loads such a folder without torch.
@@ -47,6 +51,7 @@ import numpy as np
 
 from ddpm_plugin.vocabulary import (
     ONNX_METADATA_FILE,
+    ONNX_FLOAT32_MODEL_FILE,
     ONNX_MODEL_FILE,
     ONNX_SUBFOLDER,
     SCHEDULER_CONFIG,
@@ -274,6 +279,8 @@ def export_onnx(
     }
     if quantize is not None:
         metadata.update(quantization=quantization, quality=quality.as_dict())
+        if quantize.float32_below_t > 0:
+            metadata.update(float32_model_file=ONNX_FLOAT32_MODEL_FILE, float32_below_t=quantize.float32_below_t)
     (staging / ONNX_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     write_coefficients(staging)  # the float64 schedule, for samplers outside Python (the browser page)
     _replace_folder(staging, output_dir)
@@ -307,7 +314,8 @@ def _calibration_images(model_dir: Path, image_shape: tuple[int, int, int], sett
 def _quantize(
     model_path: Path, images: np.ndarray, scheduler_config: Path, settings: "Int8Settings"
 ) -> tuple[dict[str, Any], Any]:
-    """Replace the validated float32 graph at `model_path` by its int8 graph, if that keeps within the budget."""
+    """Replace the validated float32 graph at `model_path` by its int8 graph, if that keeps within the budget;
+    the float32 graph stays beside it as `ONNX_FLOAT32_MODEL_FILE` when the sampler runs it for small t."""
     from .quantize import LAYER_GROUPS, quantize_and_measure
 
     int8_path = model_path.with_name("model.int8.onnx")
@@ -318,9 +326,12 @@ def _quantize(
         raise OnnxValidationError(
             f"the int8 graph raises the eps error (Eq. 12-weighted, {quality.num_inputs} held-out x_t) by "
             f"{quality.bound_rise:.2%} over the float32 graph, beyond the budget {quality.budget:.2%} "
-            f"(float32 kept for {list(settings.keep_float) or 'no layer group'}); keep more of the layer groups "
-            f"{', '.join(LAYER_GROUPS)} in float32 (--keep-float) or export float32."
+            f"(float32 kept for {list(settings.keep_float) or 'no layer group'} and for t < {settings.float32_below_t}); "
+            f"keep more of the layer groups {', '.join(LAYER_GROUPS)} in float32 (--keep-float), run float32 for more "
+            f"small t (--float32-below-t), or export float32."
         )
+    if settings.float32_below_t > 0:
+        os.replace(model_path, model_path.with_name(ONNX_FLOAT32_MODEL_FILE))
     os.replace(int8_path, model_path)
     return record, quality
 
@@ -328,7 +339,7 @@ def _quantize(
 def _replace_folder(staging: Path, output_dir: Path) -> None:
     """Move the validated export into `output_dir`, replacing the export files there (other files stay)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*output_dir.glob(f"{ONNX_MODEL_FILE}*"), output_dir / ONNX_METADATA_FILE]:
+    for stale in [*output_dir.glob(f"{ONNX_MODEL_FILE}*"), output_dir / ONNX_FLOAT32_MODEL_FILE, output_dir / ONNX_METADATA_FILE]:
         stale.unlink(missing_ok=True)
     shutil.rmtree(output_dir / Path(SCHEDULER_CONFIG).parent, ignore_errors=True)
     for item in staging.iterdir():

@@ -30,6 +30,7 @@ from ddpm_plugin.images import SnapshotRecorder, every_k_steps, to_image, to_pil
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
 from ddpm_plugin.vocabulary import (
     ONNX_METADATA_FILE,
+    ONNX_FLOAT32_MODEL_FILE,
     ONNX_MODEL_FILE,
     ONNX_SUBFOLDER,
     SCHEDULER_CONFIG,
@@ -134,42 +135,52 @@ class BoundUNet:
     `sample` (float32 NCHW) and `timestep` (int64) are host arrays the caller writes into; `__call__` returns
     the host array holding eps. On CPU these arrays *are* the bound buffers; on CUDA the bound buffers are
     device tensors at fixed addresses (CUDA-graph friendly), updated in place from the host arrays.
+
+    With a `float32_session` (an int8 export's float32 graph) the same buffers are bound to it too, and it runs
+    for t < `float32_below_t` (time-step-aware precision).
     """
 
     def __init__(
-        self, session: ort.InferenceSession, shape: tuple[int, ...], device: str, graph_id: int | None = None
+        self, session: ort.InferenceSession, shape: tuple[int, ...], device: str, graph_id: int | None = None,
+        float32_session: ort.InferenceSession | None = None, float32_below_t: int = 0,
     ) -> None:
-        self.session = session
         self.sample = np.zeros(shape, dtype=np.float32)
         self.timestep = np.zeros(shape[:1], dtype=np.int64)
         self.noise_pred = np.zeros(shape, dtype=np.float32)
         self.device = device
-        self.binding = session.io_binding()
+        self.float32_below_t = float32_below_t if float32_session is not None else 0
         # No RunOptions unless needed: onnxruntime looks up `gpu_graph_id` in them on every run, and a missing
         # entry costs a C++ exception (~0.2 ms, a quarter of a digits step).
         self.run_options = None
-        if graph_id is not None:  # one captured CUDA graph per batch size
+        if graph_id is not None:  # one captured CUDA graph per batch size (and session)
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        input_name, timestep_name = (value.name for value in session.get_inputs())
-        output_name = session.get_outputs()[0].name
         if device == "cpu":
             # OrtValues over NumPy memory: ORT reads `sample` and writes `noise_pred` in place.
             self._values = [ort.OrtValue.ortvalue_from_numpy(array) for array in (self.sample, self.timestep, self.noise_pred)]
         else:
             self._values = [ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0) for array in (self.sample, self.timestep, self.noise_pred)]
-        self.binding.bind_ortvalue_input(input_name, self._values[0])
-        self.binding.bind_ortvalue_input(timestep_name, self._values[1])
-        self.binding.bind_ortvalue_output(output_name, self._values[2])
+        self._runs = [self._bind(session)]
+        if self.float32_below_t:
+            self._runs.append(self._bind(float32_session))
+
+    def _bind(self, session: ort.InferenceSession) -> tuple[ort.InferenceSession, Any]:
+        binding = session.io_binding()
+        input_name, timestep_name = (value.name for value in session.get_inputs())
+        binding.bind_ortvalue_input(input_name, self._values[0])
+        binding.bind_ortvalue_input(timestep_name, self._values[1])
+        binding.bind_ortvalue_output(session.get_outputs()[0].name, self._values[2])
+        return session, binding
 
     def __call__(self, t: int) -> np.ndarray:
         self.timestep.fill(t)
+        session, binding = self._runs[t < self.float32_below_t]
         if self.device == "cpu":
-            self.session.run_with_iobinding(self.binding, self.run_options)
+            session.run_with_iobinding(binding, self.run_options)
             return self.noise_pred
         self._values[0].update_inplace(self.sample)
         self._values[1].update_inplace(self.timestep)
-        self.session.run_with_iobinding(self.binding, self.run_options)
+        session.run_with_iobinding(binding, self.run_options)
         return self._values[2].numpy()
 
 
@@ -189,6 +200,8 @@ class OnnxDDPMPipeline:
             The contents of `ddpm_onnx.json`.
         cuda_graph (`bool`, *optional*, defaults to `False`):
             Whether the session was created with ORT CUDA graphs (one graph is captured per batch size).
+        float32_session (`onnxruntime.InferenceSession`, *optional*):
+            An int8 export's float32 graph, run for t < `metadata["float32_below_t"]` (time-step-aware precision).
 
     One call at a time per instance: the bound buffers are shared between calls (the demo keeps one instance
     per concurrent request).
@@ -196,16 +209,20 @@ class OnnxDDPMPipeline:
 
     def __init__(
         self, session: ort.InferenceSession, scheduler_config: dict[str, Any], metadata: dict[str, Any],
-        cuda_graph: bool = False,
+        cuda_graph: bool = False, float32_session: ort.InferenceSession | None = None,
     ) -> None:
         self.session = session
+        self.float32_session = float32_session
+        self.float32_below_t = int(metadata.get("float32_below_t") or 0) if float32_session is not None else 0
         self.scheduler_config = dict(scheduler_config)
         self.metadata = dict(metadata)
         self.diffusion = GaussianDiffusion.from_config(self.scheduler_config)
         self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
         self.cuda_graph = cuda_graph
         self._bound: dict[int, BoundUNet] = {}
-        self._check_model_interface()
+        for model in (session, float32_session):
+            if model is not None:
+                self._check_model_interface(model)
 
     @property
     def providers(self) -> list[str]:
@@ -238,6 +255,9 @@ class OnnxDDPMPipeline:
             cuda_graph (`bool`, *optional*, defaults to `False`):
                 Capture and replay the UNet as an ORT CUDA graph (CUDA only).
 
+        An int8 export with `float32_below_t` in its metadata loads its float32 graph as well and runs it for
+        t < `float32_below_t` (`ddpm_plugin.export.quantize`).
+
         Raises:
             `FileNotFoundError`: a file of the folder is missing.
             [`OnnxModelError`]: the model is truncated or corrupt, does not fit the metadata, or uses an opset
@@ -254,32 +274,28 @@ class OnnxDDPMPipeline:
         check_export_fresh(folder, metadata)
         scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
         model_path = model_file_in(folder, metadata.get("model_file", ONNX_MODEL_FILE))
-        if not model_path.is_file():
-            raise FileNotFoundError(f"the ONNX model {model_path} is missing; re-export with `ddpm export`.")
-        check_external_data(model_path, folder)
+        float32_below_t = metadata.get("float32_below_t", 0)
+        if isinstance(float32_below_t, bool) or not isinstance(float32_below_t, int) or float32_below_t < 0:
+            raise OnnxModelError(f"{folder / ONNX_METADATA_FILE}: `float32_below_t` must be an integer >= 0, got {float32_below_t!r}.")
+        float32_path = None
+        if float32_below_t:  # an int8 export that runs its float32 graph for small t
+            float32_path = model_file_in(folder, metadata.get("float32_model_file", ONNX_FLOAT32_MODEL_FILE))
+        for file in filter(None, (model_path, float32_path)):
+            if not file.is_file():
+                raise FileNotFoundError(f"the ONNX model {file} is missing; re-export with `ddpm export`.")
+            check_external_data(file, folder)
         providers = resolve_providers(provider)
         names = [entry[0] if isinstance(entry, (tuple, list)) else entry for entry in providers]
         if cuda_graph:
             if CUDA not in names:
                 raise ValueError("`cuda_graph=True` needs the CUDA execution provider.")
             providers = [(CUDA, {"enable_cuda_graph": "1"}) if name == CUDA else name for name in names]
-        try:
-            session = ort.InferenceSession(str(model_path), session_options(num_threads), providers=providers)
-        except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... classes
-            if "opset" in str(error).lower():
-                advice = "its opset is not supported by this onnxruntime: re-export with a lower `ddpm export --opset` or upgrade onnxruntime"
-            elif "external data" in str(error).lower():
-                advice = "onnxruntime refuses the external data file it names (outside the export folder, or missing): re-export it with `ddpm export`"
-            else:
-                advice = "the file is probably truncated or corrupt: re-export it with `ddpm export`"
-            raise OnnxModelError(
-                f"onnxruntime {ort.__version__} cannot load {model_path} ({model_path.stat().st_size} bytes, "
-                f"exported at opset {metadata.get('opset')}); {advice}. onnxruntime said: {error}"
-            ) from error
-        return cls(session, scheduler_config, metadata, cuda_graph=cuda_graph)
+        session = _load_session(model_path, metadata, num_threads, providers)
+        float32_session = None if float32_path is None else _load_session(float32_path, metadata, num_threads, providers)
+        return cls(session, scheduler_config, metadata, cuda_graph=cuda_graph, float32_session=float32_session)
 
-    def _check_model_interface(self) -> None:
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+    def _check_model_interface(self, session: ort.InferenceSession) -> None:
+        inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 2 or len(outputs) != 1:
             raise OnnxModelError(
                 f"the ONNX model must take (sample, timestep) and return eps; it has inputs "
@@ -321,7 +337,10 @@ class OnnxDDPMPipeline:
             if len(self._bound) >= MAX_BOUND_BATCH_SIZES and not self.cuda_graph:
                 self._bound.pop(next(iter(self._bound)))  # forget the oldest batch size's buffers
             graph_id = len(self._bound) + 1 if self.cuda_graph else None
-            self._bound[batch_size] = BoundUNet(self.session, (batch_size, *self.image_shape), self.device, graph_id)
+            self._bound[batch_size] = BoundUNet(
+                self.session, (batch_size, *self.image_shape), self.device, graph_id,
+                float32_session=self.float32_session, float32_below_t=self.float32_below_t,
+            )
         return self._bound[batch_size]
 
     def __call__(
@@ -538,6 +557,25 @@ def check_external_data(model_path: Path, folder: Path) -> None:
                     f"the export folder {folder}; refusing to load it. Re-export with `ddpm export`."
                 )
             start = data.find(EXTERNAL_LOCATION, offset + length)
+
+
+def _load_session(
+    model_path: Path, metadata: dict[str, Any], num_threads: int | None, providers: list
+) -> ort.InferenceSession:
+    """An onnxruntime session of `model_path`, or an [`OnnxModelError`] that says why it cannot load."""
+    try:
+        return ort.InferenceSession(str(model_path), session_options(num_threads), providers=providers)
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... classes
+        if "opset" in str(error).lower():
+            advice = "its opset is not supported by this onnxruntime: re-export with a lower `ddpm export --opset` or upgrade onnxruntime"
+        elif "external data" in str(error).lower():
+            advice = "onnxruntime refuses the external data file it names (outside the export folder, or missing): re-export it with `ddpm export`"
+        else:
+            advice = "the file is probably truncated or corrupt: re-export it with `ddpm export`"
+        raise OnnxModelError(
+            f"onnxruntime {ort.__version__} cannot load {model_path} ({model_path.stat().st_size} bytes, "
+            f"exported at opset {metadata.get('opset')}); {advice}. onnxruntime said: {error}"
+        ) from error
 
 
 def _varint(data: Any, offset: int) -> tuple[int, int]:

@@ -130,6 +130,8 @@ def test_export_over_the_tolerance_leaves_nothing_and_keeps_an_earlier_export(ti
     (["--quantize", "int8", "--calibration-inputs", "0"], "must be a whole number >= 1"),
     (["--quantize", "int8", "--fp16"], "not allowed with argument"),
     (["--keep-float", "conv_in"], "only apply with --quantize int8"),
+    (["--quantize", "int8", "--float32-below-t", "-1"], "must be a whole number >= 0"),
+    (["--float32-below-t", "10"], "only apply with --quantize int8"),
 ])
 def test_refused_export_settings_get_one_line_and_write_nothing(flags, message, tiny_pipeline_dir, tmp_path):
     result = subprocess.run(

@@ -172,3 +172,54 @@ def test_bf16_bound_stays_close_to_fp32_with_float64_terms(tiny_pipeline_factory
     # Measured: 0.002 % and 0.16 % on the two images' totals of about 11.8 bits/dim.
     np.testing.assert_allclose(actual.total_bpd, expected.total_bpd, rtol=0.01)
     assert not np.array_equal(actual.total_bpd, expected.total_bpd)
+
+
+
+# --- Time-step-aware precision: bf16 under autocast, float32 for t < float32_below_t. ---
+
+
+def test_float32_below_t_runs_small_t_in_float32_and_the_rest_under_autocast(tiny_pipeline):
+    x_t = torch.randn(4, 1, 8, 8, generator=torch.manual_seed(0))
+    t = torch.tensor([0, 9, 10, 500])
+    with torch.no_grad():
+        fp32 = tiny_pipeline.unet(x_t, t).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = tiny_pipeline.unet(x_t, t).sample.float()
+            scheduled = tiny_pipeline.predict_eps(x_t, t, float32_below_t=10)
+    assert scheduled.dtype == torch.float32
+    # Half of the batch at a time: float32 moves by ~2e-6 with the batch size, bf16 by ~1e-2 from float32.
+    torch.testing.assert_close(scheduled[:2], fp32[:2], atol=2e-5, rtol=0)  # t = 0, 9: float32
+    torch.testing.assert_close(scheduled[2:], bf16[2:], atol=2e-5, rtol=0)  # t = 10, 500: bf16
+    assert not torch.allclose(bf16[:2], fp32[:2], atol=1e-3)  # so the first two did not run in bf16
+
+
+def test_float32_below_t_in_sampling_and_in_the_bound(tiny_pipeline):
+    kwargs = {"batch_size": 2, "num_inference_steps": 10, "output_type": "latent"}
+    run = lambda **extra: tiny_pipeline(generator=torch.manual_seed(0), **kwargs, **extra).images  # noqa: E731
+    fp32 = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, all_float32 = run(), run(float32_below_t=1000)
+    torch.testing.assert_close(all_float32, fp32, atol=1e-5, rtol=0)  # every step below 1000: float32 throughout
+    assert not torch.allclose(bf16, fp32, atol=1e-5)
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8), dtype=np.uint8)
+    bound = lambda **extra: tiny_pipeline.bits_per_dim(images, batch_size=500, generator=torch.manual_seed(0), **extra)  # noqa: E731
+    fp32_terms = bound().terms_bpd
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_terms, scheduled_terms = bound().terms_bpd, bound(float32_below_t=10).terms_bpd
+    np.testing.assert_allclose(scheduled_terms[:, :10], fp32_terms[:, :10], rtol=1e-4)
+    np.testing.assert_allclose(scheduled_terms[:, 10:], bf16_terms[:, 10:], rtol=1e-4)
+    assert not np.allclose(bf16_terms[:, :10], fp32_terms[:, :10], rtol=1e-3)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "10"])
+def test_float32_below_t_must_be_a_whole_number(tiny_pipeline, value):
+    with pytest.raises(ValueError, match="float32_below_t"):
+        tiny_pipeline(num_inference_steps=2, float32_below_t=value)
+
+
+def test_float32_below_t_needs_float32_weights(tiny_pipeline):
+    tiny_pipeline.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="needs float32 weights"):
+        tiny_pipeline(num_inference_steps=2, float32_below_t=10)
+    with pytest.raises(ValueError, match="needs float32 weights"):
+        tiny_pipeline.bits_per_dim(np.zeros((1, 8, 8), dtype=np.uint8), float32_below_t=10)

@@ -18,6 +18,7 @@ from ddpm_plugin.evaluation import dataset_images
 from ddpm_plugin.export.onnx_export import OnnxValidationError, export_onnx
 from ddpm_plugin.export.quantize import (
     DEFAULT_BOUND_BUDGET,
+    DEFAULT_FLOAT32_BELOW_T,
     Int8Settings,
     denoising_inputs,
     eps_error_weights,
@@ -25,6 +26,7 @@ from ddpm_plugin.export.quantize import (
     layer_group,
     predict_eps,
     quantization_quality,
+    scheduled_eps,
 )
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
 
@@ -154,3 +156,79 @@ def test_int8_export_needs_training_images(tiny_pipeline_dir, tmp_path):
     with pytest.raises(ValueError, match="names no data set"):
         export_onnx(tiny_pipeline_dir, tmp_path / "onnx", exporter="torchscript", quantize=Int8Settings())
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Time-step-aware precision: the float32 graph for t < float32_below_t. ---
+
+
+def test_scheduled_eps_takes_float32_below_t_and_int8_above(diffusion, digits):
+    inputs = denoising_inputs(digits, diffusion, 64, seed=3)
+    int8, fp32 = np.ones_like(inputs.noise), np.full_like(inputs.noise, 0.5)
+    eps = scheduled_eps(inputs, int8, fp32, 500)
+    assert np.array_equal(eps.reshape(64, -1).max(axis=1), np.where(inputs.timestep >= 500, 1.0, 0.5))
+    quality = quantization_quality(inputs, (int8, fp32), inputs, (int8, fp32), 1000, 0.03, float32_below_t=1000)
+    assert quality.bound_rise == quality.loss_rise == 0 and quality.int8_everywhere_bound_rise != 0
+
+
+def test_int8_export_keeps_its_float32_graph_for_small_t(int8_export):
+    metadata = json.loads((int8_export.output_dir / "ddpm_onnx.json").read_text())
+    assert metadata["float32_below_t"] == DEFAULT_FLOAT32_BELOW_T == metadata["quantization"]["float32_below_t"] == 10
+    float32_graph = onnx.load(str(int8_export.output_dir / metadata["float32_model_file"]))
+    assert not any(node.op_type == "QuantizeLinear" for node in float32_graph.graph.node)
+    quality = metadata["quality"]  # the export prices the schedule the sampler runs
+    assert quality["float32_below_t"] == 10 and 0 < quality["bound_rise"] < quality["int8_everywhere_bound_rise"]
+
+
+def test_onnx_sampler_runs_the_float32_graph_below_float32_below_t(int8_export):
+    from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
+
+    scheduled = OnnxDDPMPipeline.from_pretrained(int8_export.output_dir, num_threads=1)
+    assert scheduled.float32_below_t == 10 and scheduled.float32_session is not None
+    int8 = OnnxDDPMPipeline(scheduled.session, scheduled.scheduler_config, {**scheduled.metadata, "float32_below_t": 0})
+    fp32 = OnnxDDPMPipeline(scheduled.float32_session, scheduled.scheduler_config, scheduled.metadata)
+    x_t = np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32)
+
+    def eps(pipe, t):
+        unet = pipe.bound_unet(2)
+        unet.sample[...] = x_t
+        return unet(t).copy()
+
+    for t in (0, 9):
+        assert np.array_equal(eps(scheduled, t), eps(fp32, t)) and not np.array_equal(eps(scheduled, t), eps(int8, t))
+    for t in (10, 999):
+        assert np.array_equal(eps(scheduled, t), eps(int8, t))
+    # DDIM-50's last step is t = 0: the one step that differs from int8 everywhere.
+    latents = x_t[:1]
+    run = lambda pipe: pipe(1, 50, scheduler="ddim", latents=latents, progress_bar=False).images  # noqa: E731
+    assert not np.array_equal(run(scheduled), run(int8))
+
+
+def test_int8_export_without_its_float32_graph_is_refused_clearly(int8_export, tmp_path):
+    import shutil
+
+    from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline, OnnxModelError
+
+    copy = shutil.copytree(int8_export.output_dir, tmp_path / "copy")
+    metadata_file = copy / "ddpm_onnx.json"
+    metadata = json.loads(metadata_file.read_text())
+    metadata_file.write_text(json.dumps({**metadata, "float32_below_t": "10"}))
+    with pytest.raises(OnnxModelError, match="float32_below_t"):
+        OnnxDDPMPipeline.from_pretrained(copy)
+    metadata_file.write_text(json.dumps(metadata))
+    (copy / "model.float32.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="model.float32.onnx"):
+        OnnxDDPMPipeline.from_pretrained(copy)
+
+
+def test_int8_at_every_t_on_request(tmp_path):
+    report = export_onnx(DIGITS_MODEL, tmp_path / "onnx", exporter="torchscript", seed=0,
+                         quantize=Int8Settings(float32_below_t=0))
+    metadata = json.loads((report.output_dir / "ddpm_onnx.json").read_text())
+    assert "float32_below_t" not in metadata and not (report.output_dir / "model.float32.onnx").exists()
+    assert metadata["quality"]["bound_rise"] == metadata["quality"]["int8_everywhere_bound_rise"]
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_float32_below_t_setting_is_checked(value):
+    with pytest.raises(ValueError, match="float32_below_t"):
+        Int8Settings(float32_below_t=value)

@@ -182,6 +182,16 @@ def test_site_files_refuse_a_model_file_outside_the_export(tmp_path, web_export)
     assert exit_info.value.code == 1
 
 
+def test_site_files_refuse_an_int8_export_that_needs_its_float32_graph_for_small_t(tmp_path, web_export):
+    """The page runs one graph at every step; an int8 export with `float32_below_t` would lose its schedule."""
+    folder = tmp_path / "onnx"
+    shutil.copytree(web_export, folder)
+    metadata = json.loads((folder / "ddpm_onnx.json").read_text())
+    (folder / "ddpm_onnx.json").write_text(json.dumps({**metadata, "float32_below_t": 10}))
+    with pytest.raises(OnnxModelError, match="serve a float32 export"):
+        site.site_files(folder)
+
+
 def _require_ort_web() -> None:
     if not (site.ORT_DIST / site.ORT_FILES[0]).is_file():
         pytest.skip(f"onnxruntime-web is not installed: run `npm ci` in {site.WEB_DIR}")

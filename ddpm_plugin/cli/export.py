@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ddpm_plugin.export.quantize import DEFAULT_BOUND_BUDGET, DEFAULT_KEEP_FLOAT, LAYER_GROUPS, Int8Settings
+from ddpm_plugin.export.quantize import (
+    DEFAULT_BOUND_BUDGET,
+    DEFAULT_FLOAT32_BELOW_T,
+    DEFAULT_KEEP_FLOAT,
+    LAYER_GROUPS,
+    Int8Settings,
+)
 
 from .arguments import whole_number
 
@@ -59,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"x_t (default: {DEFAULT_BOUND_BUDGET})")
     parser.add_argument("--calibration-inputs", type=whole_number(1), default=None,
                         help=f"int8: x_t to calibrate on (default: {Int8Settings.calibration_inputs})")
+    parser.add_argument("--float32-below-t", type=whole_number(0), default=None,
+                        help="int8: run the float32 graph (kept beside the int8 one) for timesteps t below this, where "
+                        f"the bound weighs eps errors most; 0: int8 at every t (default: {DEFAULT_FLOAT32_BELOW_T})")
     parser.set_defaults(func=run)
 
 
@@ -67,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_plugin.export.onnx_export import export_onnx
 
     int8_flags = {"calibration_data": args.calibration_data, "keep_float": args.keep_float,
-                  "budget": args.quality_budget, "calibration_inputs": args.calibration_inputs}
+                  "budget": args.quality_budget, "calibration_inputs": args.calibration_inputs,
+                  "float32_below_t": args.float32_below_t}
     int8_flags = {name: value for name, value in int8_flags.items() if value is not None}
     if int8_flags and args.quantize is None:
-        raise ValueError("--calibration-data, --keep-float, --quality-budget and --calibration-inputs only apply "
-                         "with --quantize int8.")
+        raise ValueError("--calibration-data, --keep-float, --quality-budget, --calibration-inputs and "
+                         "--float32-below-t only apply with --quantize int8.")
     quantize = Int8Settings(**int8_flags) if args.quantize == "int8" else None
     report = export_onnx(resolve_model(args.model), args.output, opset=args.opset, fp16=args.fp16,
                          exporter=args.exporter, tolerance=args.tolerance, quantize=quantize)

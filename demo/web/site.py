@@ -84,14 +84,21 @@ def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
     Raises:
         `FileNotFoundError`: onnxruntime-web is not installed (`npm ci` in demo/web), or the export lacks a file
         the page reads (`diffusion_coefficients.json` comes from `ddpm_plugin.export.coefficients`).
-        `OnnxModelError`: the export's metadata names a model outside the export folder.
+        `OnnxModelError`: the export's metadata names a model outside the export folder, or it is an int8 export
+        with a float32 graph for small t (the page runs one graph).
     """
     from ddpm_plugin.export.coefficients import COEFFICIENTS_FILE
-    from ddpm_plugin.export.onnx_pipeline import model_file_in, resolve_export_folder
+    from ddpm_plugin.export.onnx_pipeline import OnnxModelError, model_file_in, resolve_export_folder
 
     ort_dist = find_ort_dist()
     folder = resolve_export_folder(export_dir)
-    model_file = json.loads((folder / ONNX_METADATA_FILE).read_text()).get("model_file", ONNX_MODEL_FILE)
+    metadata = json.loads((folder / ONNX_METADATA_FILE).read_text())
+    if metadata.get("float32_below_t"):
+        raise OnnxModelError(
+            f"{folder} is an int8 export that runs its float32 graph for t < {metadata['float32_below_t']}; the page "
+            "runs one graph at every step, so serve a float32 export (`ddpm export` without --quantize) instead."
+        )
+    model_file = metadata.get("model_file", ONNX_MODEL_FILE)
     model_file_in(folder, model_file)  # the page serves the export's own model, as the Python sampler loads it
     files = {"": WEB_DIR / "index.html", **{name: WEB_DIR / name for name in PAGE_FILES}}
     files.update({f"ort/{name}": ort_dist / name for name in ORT_FILES})
