@@ -16,6 +16,7 @@ convolutions and with TF32 off.
 
     python benchmarks/cuda_pytorch.py                                  # batch 8 and 128, 50 steps
     python benchmarks/cuda_pytorch.py --batch-sizes 8 --steps 20 --repeats 5
+    python benchmarks/cuda_pytorch.py --compile --only paper-bf16-weights,paper-fp32+compile,paper-bf16-weights+compile
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ def autocast_bf16() -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=BF16)
 
 
-def backends(unet: Any, scheduler: Any) -> dict[str, tuple[Any, Callable[[], contextlib.AbstractContextManager], dict]]:
-    """name -> (pipeline, context factory, extra call arguments)."""
+def backends(
+    unet: Any, scheduler: Any, compile: bool = False
+) -> dict[str, tuple[Any, Callable[[], contextlib.AbstractContextManager], dict]]:
+    """name -> (pipeline, context factory, extra call arguments); with `compile`, also `DDPMPaperPipeline` with
+    its UNet compiled by `torch.compile(mode="reduce-overhead")` (CUDA graphs), in float32 and bf16 weights."""
     import copy
 
     from diffusers import DDPMPipeline
@@ -62,6 +66,11 @@ def backends(unet: Any, scheduler: Any) -> dict[str, tuple[Any, Callable[[], con
         "paper-bf16-weights": (paper(bf16), none, {}),
         "paper-bf16-weights-channels-last": (paper(bf16_channels_last), none, {}),
     }
+    if compile:
+        for name, weights in (("paper-fp32+compile", fp32), ("paper-bf16-weights+compile", bf16)):
+            compiled = copy.deepcopy(weights)
+            compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)
+            cases[name] = (paper(compiled), none, {})
     for pipe, _, _ in cases.values():
         pipe.set_progress_bar_config(disable=True)
     return cases
@@ -127,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bound-images", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile(mode='reduce-overhead') rows")
+    parser.add_argument("--only", default=None, help="comma-separated backends to time (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("skipped: no CUDA device for PyTorch here (this benchmark runs on a GPU machine).")
@@ -141,8 +152,10 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, preset {args.preset} "
           f"({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters), {args.steps} steps per run, "
           f"{args.repeats} runs per backend, interleaved; ms per step")
-    cases = backends(unet, scheduler)
+    cases = backends(unet, scheduler, args.compile)
     print(f"parity: max |paper fp32 - diffusers fp32| over 4 samples, 20 steps, same CUDA generator: {parity(cases):.3g}")
+    if args.only:
+        cases = {name: case for name, case in cases.items() if name in args.only.split(",") or name.startswith("diffusers-")}
     for batch_size in map(int, args.batch_sizes.split(",")):
         times = time_backends(cases, batch_size, args.steps, args.repeats)
         base = {name: statistics.median(times[name]) for name in ("diffusers-fp32", "diffusers-bf16-autocast")}
@@ -154,6 +167,8 @@ def main() -> None:
             print(f"| {batch_size} | {name} | {min(runs):.2f} / {median:.2f} / {max(runs):.2f} | {spread:.0%}"
                   f"{' NOISY' if spread > 0.10 else ''} | {base['diffusers-fp32'] / median:.2f}x | "
                   f"{base['diffusers-bf16-autocast'] / median:.2f}x |")
+    if not args.bound_images:
+        return
     bound = bound_on_devices(args.bound_images)
     cpu = bound["cpu"]
     print(f"\nbits/dim of {args.bound_images} digits, bundled digits model, x_t drawn on the CPU: " + "; ".join(
