@@ -22,8 +22,8 @@ what is there: a run that is stopped resumes where it was, and precisions can ru
     python benchmarks/precision_quality.py --model mnist --images 32 --samples 500 --ddpm-samples 100 --bf16 both
 
 bf16 runs under `torch.autocast` (`--bf16 dtype` loads with `torch_dtype=torch.bfloat16` instead; `both`: two rows).
-`--float32-below-t N` adds the time-step-aware rows `<precision>+fp32-below-tN` for bf16 autocast and int8: the
-reduced precision for t >= N, float32 for t < N (where the bound weighs eps errors most, paper Eq. 12), as
+`--float32-below-t N` adds the time-step-aware rows `<precision>+fp32-below-tN` for bf16 and int8: the reduced
+precision for t >= N, float32 for t < N (bf16 weights: a float32 copy of them) (where the bound weighs eps errors most, paper Eq. 12), as
 `ddpm export --quantize int8 --float32-below-t N` and `DDPMPaperPipeline(..., float32_below_t=N)` sample.
 """
 
@@ -112,7 +112,7 @@ def precision_names(bf16: str, below_t: int = 0) -> list[str]:
     modes = BF16_MODES if bf16 == "both" else (bf16,)
     names = ["pytorch-fp32", *(f"pytorch-bf16-{mode}" for mode in modes), *ONNX_PRECISIONS]
     if below_t:
-        names += [scheduled_name(name, below_t) for name in ("pytorch-bf16-autocast", "onnx-int8")]
+        names += [scheduled_name(name, below_t) for name in names if name.startswith("pytorch-bf16") or name == "onnx-int8"]
     return names
 
 
@@ -128,7 +128,10 @@ def load_precision(name: str, model: Path, onnx_folders: dict[str, Path], thread
     if "+fp32-below-t" in name:
         base, below_t = name.split("+fp32-below-t")
         pipe, context = load_precision(base, model, onnx_folders, threads)
-        full = OnnxUNet(onnx_folders["onnx-fp32"], pipe.unet.config, threads) if base in ONNX_PRECISIONS else pipe.unet
+        if base in ONNX_PRECISIONS:
+            full = OnnxUNet(onnx_folders["onnx-fp32"], pipe.unet.config, threads)
+        else:  # as `DDPMPaperPipeline.predict_eps`: the network itself, or a float32 copy of bf16 weights
+            full = pipe.float32_network()
         scheduled = DDPMPaperPipeline(unet=Float32BelowT(pipe.unet, full, int(below_t), context), scheduler=pipe.scheduler)
         scheduled.set_progress_bar_config(disable=True)
         return scheduled, contextlib.nullcontext

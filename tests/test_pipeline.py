@@ -217,9 +217,17 @@ def test_float32_below_t_must_be_a_whole_number(tiny_pipeline, value):
         tiny_pipeline(num_inference_steps=2, float32_below_t=value)
 
 
-def test_float32_below_t_needs_float32_weights(tiny_pipeline):
+def test_float32_below_t_with_bf16_weights_runs_a_float32_copy_kept_in_step_with_them(tiny_pipeline):
+    x_t = torch.randn(2, 1, 8, 8, generator=torch.manual_seed(0))
+    t = torch.tensor([3, 700])
     tiny_pipeline.to(torch.bfloat16)
-    with pytest.raises(ValueError, match="needs float32 weights"):
-        tiny_pipeline(num_inference_steps=2, float32_below_t=10)
-    with pytest.raises(ValueError, match="needs float32 weights"):
-        tiny_pipeline.bits_per_dim(np.zeros((1, 8, 8), dtype=np.uint8), float32_below_t=10)
+    with torch.no_grad():
+        copy = tiny_pipeline.float32_network()
+        assert copy.dtype == torch.float32 and tiny_pipeline.unet.dtype == torch.bfloat16
+        assert tiny_pipeline.float32_network() is copy  # made once
+        scheduled = tiny_pipeline.predict_eps(x_t, t, float32_below_t=10)
+        torch.testing.assert_close(scheduled[:1], copy(x_t[:1], t[:1]).sample, atol=1e-6, rtol=0)
+        torch.testing.assert_close(scheduled[1:], tiny_pipeline.unet(x_t[1:].bfloat16(), t[1:]).sample.float(), atol=1e-6, rtol=0)
+        tiny_pipeline.unet.conv_out.bias.add_(1.0)  # new weights: a new copy
+        fresh = tiny_pipeline.float32_network()
+    assert fresh is not copy and torch.equal(fresh.conv_out.bias, tiny_pipeline.unet.conv_out.bias.float())
