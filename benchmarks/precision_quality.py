@@ -23,8 +23,9 @@ what is there: a run that is stopped resumes where it was, and precisions can ru
 
 bf16 runs under `torch.autocast` (`--bf16 dtype` loads with `torch_dtype=torch.bfloat16` instead; `both`: two rows).
 `--float32-below-t N` adds the time-step-aware rows `<precision>+fp32-below-tN` for bf16 and int8: the reduced
-precision for t >= N, float32 for t < N (bf16 weights: a float32 copy of them) (where the bound weighs eps errors most, paper Eq. 12), as
-`ddpm export --quantize int8 --float32-below-t N` and `DDPMPaperPipeline(..., float32_below_t=N)` sample.
+precision for t >= N and float32 for t < N, where the bound weighs eps errors most (paper Eq. 12; bf16 weights: a
+float32 copy of them), as `ddpm export --quantize int8 --float32-below-t N` and `DDPMPaperPipeline(...,
+float32_below_t=N)` sample.
 """
 
 from __future__ import annotations
