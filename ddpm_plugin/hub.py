@@ -35,12 +35,23 @@ from typing import Callable, Iterable, Iterator
 from . import __version__
 from .model_card import load_evaluation_report, load_training_config, model_card
 from .sampling import load_pipeline, sample_grid
-from .vocabulary import ONNX_METADATA_FILE, ONNX_MODEL_FILE, ONNX_SUBFOLDER, PIPELINE_MODULE, SCHEDULER_CONFIG
+from .vocabulary import (
+    ONNX_FLOAT32_MODEL_FILE,
+    ONNX_METADATA_FILE,
+    ONNX_MODEL_FILE,
+    ONNX_SUBFOLDER,
+    PIPELINE_MODULE,
+    SCHEDULER_CONFIG,
+)
 
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"
 PIPELINE_CODE = f"{PIPELINE_MODULE}.py"
-ONNX_FILES = (ONNX_MODEL_FILE, f"{ONNX_MODEL_FILE}.data", ONNX_METADATA_FILE, SCHEDULER_CONFIG)
+# An int8 export's float32 graph (run for small t) travels with it.
+ONNX_FILES = (
+    ONNX_MODEL_FILE, f"{ONNX_MODEL_FILE}.data", ONNX_FLOAT32_MODEL_FILE, f"{ONNX_FLOAT32_MODEL_FILE}.data",
+    ONNX_METADATA_FILE, SCHEDULER_CONFIG,
+)
 DEFAULT_COMMIT_MESSAGE = f"Upload DDPM pipeline (ddpm-plugin {__version__})"
 GRID_IMAGES = 16  # samples in the card's grid
 GRID_TILE_PIXELS = 64  # small images are upscaled (nearest neighbour) to at least this size per sample

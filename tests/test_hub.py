@@ -524,3 +524,16 @@ def test_push_checks_its_arguments_before_sampling(loopback_hub, run_dir, tmp_pa
     assert message.format(tmp=tmp_path) in err
     assert "sampling the card's grid" not in err and "Traceback" not in err and "[Errno" not in err
     assert loopback_hub.requests == [] and not (tmp_path / "samples.png").exists()
+
+
+def test_an_int8_exports_float32_graph_is_published_with_it(tiny_pipeline_dir, tmp_path):
+    """`OnnxDDPMPipeline` needs `model.float32.onnx` of an int8 export (time-step-aware precision): it is uploaded."""
+    import shutil
+
+    from ddpm_plugin.hub import pipeline_files
+
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "pipeline")
+    (folder / "onnx" / "scheduler").mkdir(parents=True)
+    for name in ("model.onnx", "model.float32.onnx", "ddpm_onnx.json", "scheduler/scheduler_config.json"):
+        (folder / "onnx" / name).write_bytes(b"{}")
+    assert {"onnx/model.onnx", "onnx/model.float32.onnx"} <= set(pipeline_files(folder))

@@ -97,5 +97,7 @@ def run(args: argparse.Namespace) -> int:
             f"int8 against float32 on {quality['num_inputs']} held-out x_t: eps error (Eq. 12-weighted) "
             f"{quality['bound_rise']:+.2%} (budget {quality['budget']:.0%}), L_simple {quality['loss_rise']:+.2%}, "
             f"relative RMS change of eps {quality['eps_relative_rms']:.2%}"
+            + (f"; the float32 graph runs for t < {quality['float32_below_t']} (int8 at every t: "
+               f"{quality['int8_everywhere_bound_rise']:+.2%})" if quality.get("float32_below_t") else "")
         )
     return 0
