@@ -165,8 +165,11 @@ def load_onnx_pipeline(folder: Path, threads: int, variant: str | None):
         options.add_session_config_entry("session.intra_op.spin_duration_us", "100")
     if variant == "extended":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    session = ort.InferenceSession(str(folder / ONNX_MODEL_FILE), options, providers=[CPU])
-    return OnnxDDPMPipeline(session, pipe.scheduler_config, pipe.metadata)
+    session, float32_session = (
+        None if name is None else ort.InferenceSession(str(folder / name), options, providers=[CPU])
+        for name in (ONNX_MODEL_FILE, pipe.metadata.get("float32_model_file") if pipe.float32_session else None)
+    )  # an int8 export's float32 graph (t < float32_below_t) runs with the same options
+    return OnnxDDPMPipeline(session, pipe.scheduler_config, pipe.metadata, float32_session=float32_session)
 
 
 def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads: int, paper_bf16: str) -> Callable[[], None]:
