@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from ddpm_plugin.images import SnapshotRecorder, every_k_steps, to_image, to_pil_images
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
 from ddpm_plugin.vocabulary import (
-    ONNX_METADATA_FILE,
     ONNX_FLOAT32_MODEL_FILE,
+    ONNX_METADATA_FILE,
     ONNX_MODEL_FILE,
     ONNX_SUBFOLDER,
     SCHEDULER_CONFIG,
