@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ddpm_plugin.vocabulary import (
-    ONNX_METADATA_FILE,
     ONNX_FLOAT32_MODEL_FILE,
+    ONNX_METADATA_FILE,
     ONNX_MODEL_FILE,
     ONNX_SUBFOLDER,
     SCHEDULER_CONFIG,
