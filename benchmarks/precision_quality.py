@@ -96,7 +96,7 @@ class Float32BelowT(StandInUNet):
         eps = torch.empty(sample.shape, dtype=torch.float32)
         if bool((~low).any()):
             with self.reduced_context():
-                eps[~low] = self.reduced(sample[~low], t[~low]).sample.float()
+                eps[~low] = self.reduced(sample[~low].to(self.reduced.dtype), t[~low]).sample.float()
         if bool(low.any()):
             with torch.autocast("cpu", enabled=False):
                 eps[low] = self.full(sample[low].float(), t[low]).sample.float()
