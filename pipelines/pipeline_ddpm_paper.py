@@ -347,15 +347,23 @@ class DDPMPaperPipeline(DDPMPipeline):
         weights +2.45%, and +0.13% with their float32 copy below t = 10."""
         if not float32_below_t:
             return self.unet(x_t.to(self.unet.dtype), t).sample
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        t = torch.as_tensor(t)
+        if t.ndim == 0:  # one t for the whole batch, as in sampling: one network, no split, no device sync
+            if int(t) < float32_below_t:
+                return self._float32_eps(x_t, t)
+            return self.unet(x_t.to(self.unet.dtype), t).sample
+        t = t.to(x_t.device).expand(x_t.shape[0])  # the bound's batches mix t: split per element
         low = t < float32_below_t
         eps = torch.empty(x_t.shape, dtype=torch.promote_types(self.unet.dtype, torch.float32), device=x_t.device)
         if bool((~low).any()):
             eps[~low] = self.unet(x_t[~low].to(self.unet.dtype), t[~low]).sample.to(eps.dtype)
         if bool(low.any()):
-            with torch.autocast(x_t.device.type, enabled=False):
-                eps[low] = self.float32_network()(x_t[low].float(), t[low]).sample.to(eps.dtype)
+            eps[low] = self._float32_eps(x_t[low], t[low]).to(eps.dtype)
         return eps
+
+    def _float32_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x_t.device.type, enabled=False):
+            return self.float32_network()(x_t.float(), t).sample
 
     @torch.no_grad()
     @unet_in_eval_mode
