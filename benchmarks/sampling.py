@@ -153,7 +153,7 @@ def load_onnx_pipeline(folder: Path, threads: int, variant: str | None):
 
     from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
     from ddpm_plugin.export.providers import CPU, session_options
-    from ddpm_plugin.vocabulary import ONNX_MODEL_FILE
+    from ddpm_plugin.vocabulary import ONNX_FLOAT32_MODEL_FILE, ONNX_MODEL_FILE
 
     pipe = OnnxDDPMPipeline.from_pretrained(folder, provider="cpu", num_threads=threads)
     if variant is None:
@@ -165,10 +165,11 @@ def load_onnx_pipeline(folder: Path, threads: int, variant: str | None):
         options.add_session_config_entry("session.intra_op.spin_duration_us", "100")
     if variant == "extended":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    session, float32_session = (
-        None if name is None else ort.InferenceSession(str(folder / name), options, providers=[CPU])
-        for name in (ONNX_MODEL_FILE, pipe.metadata.get("float32_model_file") if pipe.float32_session else None)
-    )  # an int8 export's float32 graph (t < float32_below_t) runs with the same options
+    session = ort.InferenceSession(str(folder / ONNX_MODEL_FILE), options, providers=[CPU])
+    float32_session = None
+    if pipe.float32_session is not None:  # an int8 export's float32 graph (t < float32_below_t), same options
+        float32_file = pipe.metadata.get("float32_model_file", ONNX_FLOAT32_MODEL_FILE)
+        float32_session = ort.InferenceSession(str(folder / float32_file), options, providers=[CPU])
     return OnnxDDPMPipeline(session, pipe.scheduler_config, pipe.metadata, float32_session=float32_session)
 
 
