@@ -109,7 +109,7 @@ def scheduled_name(name: str, below_t: int) -> str:
 
 def precision_names(bf16: str, below_t: int = 0) -> list[str]:
     """The rows, in order: `pytorch-bf16-<mode>` for each bf16 mode asked for (`both`: autocast and dtype), and
-    with `below_t` the time-step-aware rows of bf16 autocast and int8."""
+    with `below_t` the time-step-aware rows of each bf16 row and of int8."""
     modes = BF16_MODES if bf16 == "both" else (bf16,)
     names = ["pytorch-fp32", *(f"pytorch-bf16-{mode}" for mode in modes), *ONNX_PRECISIONS]
     if below_t:
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bf16", choices=(*BF16_MODES, "both"), default="autocast")
     parser.add_argument("--float32-below-t", type=int, default=0,
-                        help="add rows with bf16 autocast / int8 for t >= N and float32 for t < N")
+                        help="add rows with bf16 / int8 for t >= N and float32 for t < N")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated rows to measure here (default: all; `none`: only the table of what is saved)")
     parser.add_argument("--reference", default=str(MNIST_TEST),
