@@ -32,7 +32,7 @@ from typing import Iterable, Literal
 import numpy as np
 import torch
 
-from .export.freshness import file_sha256
+from .trust import file_sha256
 
 # The paper's sample count for FID and IS (Table 1).
 DEFAULT_NUM_SAMPLES = 50_000

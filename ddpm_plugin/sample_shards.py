@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from .export.freshness import file_sha256
+from .trust import file_sha256
 from .sampling import load_image_sampler
 from .vocabulary import Backend, Sampler
 

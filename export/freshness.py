@@ -7,10 +7,11 @@ model. Torch-free: `OnnxDDPMPipeline` checks this on load.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
+
+from ddpm_plugin.trust import file_sha256
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -18,14 +19,6 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 class StaleExportError(ValueError):
     """The export was made from other weights than its pipeline folder holds now."""
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_weights(export_dir: Path, metadata: dict[str, Any]) -> Path | None:
