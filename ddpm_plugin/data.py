@@ -124,6 +124,18 @@ def load_image_dataset(dataset: str, image_size: int, channels: int) -> ImageDat
     return _hf_dataset(dataset, image_size, channels)
 
 
+def dataset_images(dataset: str, image_shape: tuple[int, int, int], num_images: int | None, seed: int) -> tuple[np.ndarray, int]:
+    """`num_images` uint8 NHWC images of `dataset` drawn without replacement with `seed` (all, in order, when None),
+    zero-padded to the model's (channels, height, width) as in training, and the size of the whole data set."""
+    channels, height, _ = image_shape
+    images = load_image_dataset(dataset, height, channels)
+    if num_images is None or num_images >= len(images):
+        indices = torch.arange(len(images))
+    else:
+        indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
+    return torch.stack([images[int(i)] for i in indices]).permute(0, 2, 3, 1).numpy(), len(images)
+
+
 def _padding(height: int, width: int, image_size: int, source: str) -> int:
     """The zero padding on each side that brings `height` x `width` to `image_size`, or a `DataError`."""
     margin = image_size - height

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import dataset_images
 from .figures import (
     interpolation_strip,
     plot_rate_distortion,
@@ -88,20 +89,6 @@ class EvaluationConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
-
-
-def dataset_images(dataset: str, image_shape: tuple[int, int, int], num_images: int | None, seed: int) -> tuple[np.ndarray, int]:
-    """`num_images` uint8 NHWC images of `dataset` drawn without replacement with `seed` (all, in order, when None),
-    zero-padded to the model's (channels, height, width) as in training, and the size of the whole data set."""
-    from .data import load_image_dataset
-
-    channels, height, _ = image_shape
-    images = load_image_dataset(dataset, height, channels)
-    if num_images is None or num_images >= len(images):
-        indices = torch.arange(len(images))
-    else:
-        indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
-    return torch.stack([images[int(i)] for i in indices]).permute(0, 2, 3, 1).numpy(), len(images)
 
 
 def generate_samples(sampler: ImageSampler, num_samples: int, batch_size: int) -> Iterator[np.ndarray]:

@@ -295,7 +295,7 @@ def _calibration_images(model_dir: Path, image_shape: tuple[int, int, int], sett
     """The settings with their data set resolved (the pipeline's training data by default), and its images."""
     from dataclasses import replace
 
-    from ddpm_plugin.evaluation import dataset_images
+    from ddpm_plugin.data import dataset_images
 
     dataset = settings.calibration_data
     if dataset is None:
