@@ -162,3 +162,95 @@ def test_reading_samples_checks_completeness_and_checksums(tiny_pipeline_dir, tm
     (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
     with pytest.raises(ValueError, match="unfinished"):
         next(iter_sample_batches(tmp_path))
+
+
+def copied_pipeline(source: Path, target: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(source, target))
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda m: m.joinpath("scheduler/scheduler_config.json").write_text(
+        json.dumps({**json.loads(m.joinpath("scheduler/scheduler_config.json").read_text()), "beta_end": 0.2})),
+     "scheduler/scheduler_config.json"),
+    (lambda m: m.joinpath("scheduler/scheduler_config.json").write_text(
+        json.dumps({**json.loads(m.joinpath("scheduler/scheduler_config.json").read_text()), "variance_type": "fixed_small"})),
+     "variance_type"),
+    (lambda m: m.joinpath("model_index.json").write_text(m.joinpath("model_index.json").read_text() + " "), "model_index.json"),
+])
+def test_a_sample_folder_of_a_changed_pytorch_model_is_refused_naming_the_change(tiny_pipeline_dir, tmp_path, capsys, change, named):
+    model = copied_pipeline(tiny_pipeline_dir, tmp_path / "model")
+    args = ["sample", "--model", str(model), "--output-dir", str(tmp_path / "out"), "--num-images", "3", "--steps", "4",
+            "--batch-size", "2", "--backend", "pytorch"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    change(model)
+    capsys.readouterr()
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert named in error and "other arguments" in error and "Traceback" not in error
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_a_sample_folder_of_another_onnx_model_file_is_refused(onnx_pipeline_dir, tmp_path, capsys):
+    model = copied_pipeline(onnx_pipeline_dir, tmp_path / "model")
+    args = ["sample", "--model", str(model), "--output-dir", str(tmp_path / "out"), "--num-images", "3", "--steps", "4",
+            "--batch-size", "2", "--backend", "onnxruntime"]
+    assert main(args) == 0
+    metadata_path = model / "onnx" / "ddpm_onnx.json"
+    (model / "onnx" / "other.onnx").write_bytes((model / "onnx" / "model.onnx").read_bytes())
+    metadata_path.write_text(json.dumps({**json.loads(metadata_path.read_text()), "model_file": "other.onnx"}))
+    capsys.readouterr()
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "onnx/ddpm_onnx.json" in error and "other.onnx" in error and "Traceback" not in error
+
+
+def test_a_run_records_the_schedule_precision_and_every_file_the_sampler_loads(onnx_pipeline_dir, tmp_path):
+    torch_run = sample_to_shards(onnx_pipeline_dir, tmp_path / "a", 2, batch_size=2, num_inference_steps=3,
+                                 backend="pytorch", device="cpu")["run"]
+    onnx_run = sample_to_shards(onnx_pipeline_dir, tmp_path / "b", 2, batch_size=2, num_inference_steps=3,
+                                backend="onnxruntime", device="cpu")["run"]
+    assert {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors"} <= set(torch_run["files"])
+    assert {"onnx/ddpm_onnx.json", "onnx/model.onnx", "onnx/scheduler/scheduler_config.json"} <= set(onnx_run["files"])
+    for run in (torch_run, onnx_run):
+        assert run["schedule"]["num_train_timesteps"] == 1000 and run["schedule"]["variance_type"] == "fixed_large"
+        assert len(run["schedule"]["betas_sha256"]) == 64 and run["precision"]
+
+
+def test_a_foreign_shard_copied_into_a_finished_run_is_not_kept(tiny_pipeline_dir, tmp_path):
+    options = dict(num_images=7, batch_size=2, num_inference_steps=4, backend="pytorch", device="cpu")
+    first = sample_to_shards(tiny_pipeline_dir, tmp_path / "seed0", seed=0, **options)
+    expected = all_images(tmp_path / "seed0")
+    sample_to_shards(tiny_pipeline_dir, tmp_path / "seed1", seed=1, **options)
+    for name in [p.name for p in (tmp_path / "seed1").glob("shard-00002*")]:  # the shard and any record beside it
+        (tmp_path / "seed0" / name).write_bytes((tmp_path / "seed1" / name).read_bytes())
+    second = sample_to_shards(tiny_pipeline_dir, tmp_path / "seed0", seed=0, **options)
+    assert second["shards_reused"] == 3 and second["images_drawn"] == 2
+    assert np.array_equal(all_images(tmp_path / "seed0"), expected)
+    assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
+
+
+def test_a_shard_changed_after_writing_is_not_kept_even_when_it_loads(tiny_pipeline_dir, tmp_path):
+    options = dict(num_images=4, batch_size=2, num_inference_steps=4, backend="pytorch", device="cpu", seed=0)
+    first = sample_to_shards(tiny_pipeline_dir, tmp_path, **options)
+    shard = tmp_path / first["shards"][0]["file"]
+    with np.load(shard, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["images"] = 255 - arrays["images"]
+    with open(shard, "wb") as file:
+        np.savez(file, **arrays)
+    second = sample_to_shards(tiny_pipeline_dir, tmp_path, **options)
+    assert second["shards_reused"] == 1
+    assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
+
+
+def test_a_link_to_a_device_in_the_model_folder_is_refused_without_hanging(tiny_pipeline_dir, tmp_path):
+    model = copied_pipeline(tiny_pipeline_dir, tmp_path / "model")
+    (model / "unet" / "extra.safetensors").symlink_to("/dev/zero")
+    result = subprocess.run([sys.executable, *sample_command(model, tmp_path / "out", "--num-images", "2", "--steps", "2",
+                                                             "--backend", "pytorch")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "extra.safetensors is a link" in result.stderr and "Traceback" not in result.stderr
