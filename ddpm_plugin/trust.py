@@ -78,16 +78,33 @@ def regular_file(folder: str | os.PathLike, name: str | os.PathLike, *, what: st
     if relative.is_absolute() or not relative.parts or any(part in ("..", "") for part in relative.parts) or "\\" in str(relative):
         raise UntrustedInputError(f"{what} {str(name)!r} must be a relative path inside {folder}.")
     path = Path(folder)
-    for part in relative.parts:
+    for depth, part in enumerate(relative.parts, start=1):
         path = path / part
         try:
             mode = path.lstat().st_mode
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such file.") from None
         if stat.S_ISLNK(mode):
+            if depth == len(relative.parts) and hub_cache_blob(path):
+                mode = path.stat().st_mode
+                continue
             raise UntrustedInputError(f"{path} is a link; only regular files inside {folder} are read.")
     _check_regular(path, mode)
     return path
+
+
+def hub_cache_blob(link: Path) -> bool:
+    """Whether `link` is a file of a Hugging Face cache snapshot (`REPO/snapshots/REVISION/...`) linked, as the
+    cache keeps every such file, to a regular file directly in that repository's own `REPO/blobs/` folder."""
+    parts = link.absolute().parts
+    if "snapshots" not in parts[:-2]:
+        return False
+    repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+    blobs = repo / "blobs"
+    if blobs.is_symlink() or not blobs.is_dir():
+        return False
+    target = Path(os.path.realpath(link))
+    return target.parent == Path(os.path.realpath(blobs)) and target.is_file() and not target.is_symlink()
 
 
 def regular_files(folder: str | os.PathLike) -> Iterator[Path]:
@@ -109,7 +126,10 @@ def check_no_links(folder: str | os.PathLike) -> None:
 
 
 def _open_regular(path: Path) -> int:
-    """A read-only descriptor of `path`, refusing (without blocking) anything but a regular file."""
+    """A read-only descriptor of `path`, refusing (without blocking) anything but a regular file (or a Hugging Face
+    cache snapshot's link into its blob store, see [`hub_cache_blob`])."""
+    if os.path.islink(path) and hub_cache_blob(Path(path)):
+        path = Path(os.path.realpath(path))
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError as error:

@@ -25,10 +25,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from ddpm_plugin.model_folder import check_schedule_size
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
+from ddpm_plugin.trust import read_json, regular_file, write_atomically
 from ddpm_plugin.vocabulary import SCHEDULER_CONFIG
 
-from .onnx_pipeline import resolve_export_folder
+from .onnx_folder import resolve_export_folder
 
 COEFFICIENTS_FILE = "diffusion_coefficients.json"
 COEFFICIENTS_FORMAT_VERSION = 1
@@ -81,12 +83,14 @@ def write_coefficients(export_dir: str | os.PathLike) -> Path:
         `FileNotFoundError`: the folder holds no export or no `scheduler/scheduler_config.json`.
     """
     folder = resolve_export_folder(export_dir)
-    config_path = folder / SCHEDULER_CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing; re-export the folder with `ddpm export`.")
-    document = diffusion_coefficients(json.loads(config_path.read_text()))
+    try:
+        config_path = regular_file(folder, SCHEDULER_CONFIG, what="the scheduler configuration")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder / SCHEDULER_CONFIG} is missing; re-export the folder with `ddpm export`.") from None
+    config = read_json(config_path)
+    check_schedule_size(config, str(config_path))
     path = folder / COEFFICIENTS_FILE
-    path.write_text(json.dumps(document, separators=(",", ":")) + "\n")
+    write_atomically(path, json.dumps(diffusion_coefficients(config), separators=(",", ":")) + "\n")
     return path
 
 
@@ -97,5 +101,5 @@ if __name__ == "__main__":  # python -m ddpm_plugin.export.coefficients EXPORT_D
         sys.exit("usage: python -m ddpm_plugin.export.coefficients EXPORT_DIR")
     try:
         print(write_coefficients(sys.argv[1]))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")

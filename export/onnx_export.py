@@ -60,7 +60,7 @@ from ddpm_plugin.vocabulary import (
 
 from .coefficients import write_coefficients
 from .freshness import WEIGHTS_NAME, file_sha256
-from .onnx_pipeline import FORMAT_VERSION
+from .onnx_folder import FORMAT_VERSION
 
 if TYPE_CHECKING:
     from .quantize import Int8Settings

@@ -1,8 +1,8 @@
 """`OnnxDDPMPipeline`: the DDPM sampler (Ho et al. 2020, Algorithm 2) and DDIM on ONNX Runtime, without PyTorch.
 
-It loads the folder [`export_onnx`] writes (`model.onnx`, `scheduler/scheduler_config.json`, `ddpm_onnx.json`;
-see `ddpm_plugin.export.onnx_export`) and runs the denoising loop in NumPy with the float64 coefficients of
-[`GaussianDiffusion`]. Given the same initial noise and per-step noise it reproduces `DDPMPaperPipeline` with
+It loads the folder [`export_onnx`] writes (`model.onnx`, `scheduler/scheduler_config.json`, `ddpm_onnx.json`),
+once `onnx_folder.open_export_folder` has checked it, and runs the denoising loop with the NumPy steps of
+`numpy_sampler` on the float64 coefficients of [`GaussianDiffusion`]. Given the same initial noise and per-step noise it reproduces `DDPMPaperPipeline` with
 diffusers' `DDPMScheduler` (any `num_inference_steps`) or `DDIMScheduler.from_config(...)` (any `eta`).
 
 This module imports only the standard library, NumPy, onnxruntime, Pillow, tqdm and torch-free modules of
@@ -16,7 +16,6 @@ addresses, which is what ORT's CUDA graphs need (`cuda_graph=True`).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,32 +27,28 @@ from tqdm.auto import tqdm
 
 from ddpm_plugin.images import SnapshotRecorder, every_k_steps, to_image, to_pil_images
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
-from ddpm_plugin.vocabulary import (
-    ONNX_FLOAT32_MODEL_FILE,
-    ONNX_METADATA_FILE,
-    ONNX_MODEL_FILE,
-    ONNX_SUBFOLDER,
-    SCHEDULER_CONFIG,
-    Sampler,
-    VarianceType,
-    check_sampler,
-    check_steps,
-)
+from ddpm_plugin.model_folder import FLOAT32_BYTES, SAMPLE_BUFFERS
+from ddpm_plugin.trust import check_allocation
+from ddpm_plugin.vocabulary import Sampler, VarianceType, check_sampler, check_steps
 
-from .freshness import check_export_fresh
+from .numpy_sampler import ddim_sigma, ddim_step_function, ddpm_step_function, inference_timesteps, respace
+from .onnx_folder import (
+    FORMAT_VERSION,
+    OnnxModelError,
+    check_external_data,
+    model_file_in,
+    open_export_folder,
+    resolve_export_folder,
+)
 from .providers import CUDA, ProviderSpec, resolve_providers, session_options
 
-FORMAT_VERSION = 1
+__all__ = [
+    "FORMAT_VERSION", "BoundUNet", "OnnxDDPMPipeline", "OnnxModelError", "OnnxPipelineOutput", "OnnxProgressiveOutput",
+    "check_external_data", "ddim_sigma", "inference_timesteps", "model_file_in", "resolve_export_folder", "respace",
+]
+
 MAX_BOUND_BATCH_SIZES = 8  # buffers kept bound for this many batch sizes
-# `key: "location"` of an ONNX external data entry, as protobuf writes it (field 1, length 8), then the tag of
-# its value (field 2, length-delimited).
-EXTERNAL_LOCATION = b"\x0a\x08location\x12"
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
-
-
-class OnnxModelError(RuntimeError):
-    """The ONNX folder or model cannot be used; the message says which file and why."""
-
 
 @dataclass
 class OnnxPipelineOutput:
@@ -85,47 +80,6 @@ class OnnxProgressiveOutput:
     timesteps: list[int]
 
 
-# --- Timesteps and the respaced schedule, as diffusers' schedulers compute them. ---
-
-
-def inference_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:
-    """The descending timesteps `DDPMScheduler.set_timesteps` / `DDIMScheduler.set_timesteps` choose for
-    `num_inference_steps` under the config's `timestep_spacing` and `steps_offset`."""
-    num_train_timesteps = config.get("num_train_timesteps", 1000)
-    spacing = config.get("timestep_spacing", "leading")
-    if spacing == "linspace":
-        return np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1].astype(np.int64)
-    if spacing == "leading":
-        step_ratio = num_train_timesteps // num_inference_steps
-        timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.int64)
-        return timesteps + config.get("steps_offset", 0)
-    if spacing == "trailing":
-        step_ratio = num_train_timesteps / num_inference_steps
-        return np.round(np.arange(num_train_timesteps, 0, -step_ratio)).astype(np.int64) - 1
-    raise ValueError(f"`timestep_spacing` must be 'linspace', 'leading' or 'trailing', got {spacing!r}.")
-
-
-def respace(diffusion: GaussianDiffusion, timesteps: np.ndarray) -> GaussianDiffusion:
-    """The diffusion process restricted to `timesteps` (descending): its step k goes from t_k to the next
-    kept timestep, with beta'_k = 1 - alpha_bar_{t_k} / alpha_bar_{t_{k-1}} (Nichol & Dhariwal 2021, App. B).
-
-    Its posterior coefficients are exactly the ones `DDPMScheduler.step` forms from `alphas_cumprod[t]` and
-    `alphas_cumprod[prev_t]` when `num_inference_steps` < T. Index k of the result is the k-th smallest kept
-    timestep. With every timestep kept, `diffusion` itself is returned.
-    """
-    ascending = np.asarray(timesteps, dtype=np.int64)[::-1]
-    if np.array_equal(ascending, np.arange(diffusion.num_timesteps)):
-        return diffusion
-    alphas_cumprod = diffusion.alphas_cumprod[ascending]
-    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-    return GaussianDiffusion.from_betas(1.0 - alphas_cumprod / alphas_cumprod_prev)
-
-
-def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
-    """sigma_t(eta) of Song et al. (2021), Eq. 16: eta sqrt((1 - a_prev)/(1 - a_t) (1 - a_t / a_prev))."""
-    return eta * float(np.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)))
-
-
 # --- The UNet with pre-bound buffers. ---
 
 
@@ -150,7 +104,7 @@ class BoundUNet:
         self.device = device
         self.float32_below_t = float32_below_t if float32_session is not None else 0
         # No RunOptions unless needed: onnxruntime looks up `gpu_graph_id` in them on every run, and a missing
-        # entry costs a C++ exception (~0.2 ms, a quarter of a digits step).
+        # entry costs a C++ exception.
         self.run_options = None
         if graph_id is not None:  # one captured CUDA graph per batch size (and session)
             self.run_options = ort.RunOptions()
@@ -264,26 +218,8 @@ class OnnxDDPMPipeline:
             this onnxruntime cannot run.
             [`StaleExportError`]: the export sits in a pipeline folder whose weights changed since it was made.
         """
-        folder = resolve_export_folder(path)
-        metadata = _read_json(folder / ONNX_METADATA_FILE)
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise OnnxModelError(
-                f"{folder / ONNX_METADATA_FILE} has format_version {metadata.get('format_version')!r}; this "
-                f"ddpm-plugin reads version {FORMAT_VERSION}. Re-export with `ddpm export`."
-            )
-        check_export_fresh(folder, metadata)
-        scheduler_config = _read_json(folder / SCHEDULER_CONFIG)
-        model_path = model_file_in(folder, metadata.get("model_file", ONNX_MODEL_FILE))
-        float32_below_t = metadata.get("float32_below_t", 0)
-        if isinstance(float32_below_t, bool) or not isinstance(float32_below_t, int) or float32_below_t < 0:
-            raise OnnxModelError(f"{folder / ONNX_METADATA_FILE}: `float32_below_t` must be an integer >= 0, got {float32_below_t!r}.")
-        float32_path = None
-        if float32_below_t:  # an int8 export that runs its float32 graph for small t
-            float32_path = model_file_in(folder, metadata.get("float32_model_file", ONNX_FLOAT32_MODEL_FILE))
-        for file in filter(None, (model_path, float32_path)):
-            if not file.is_file():
-                raise FileNotFoundError(f"the ONNX model {file} is missing; re-export with `ddpm export`.")
-            check_external_data(file, folder)
+        export = open_export_folder(path)
+        model_path, float32_path, metadata = export.model_path, export.float32_path, export.metadata
         providers = resolve_providers(provider)
         names = [entry[0] if isinstance(entry, (tuple, list)) else entry for entry in providers]
         if cuda_graph:
@@ -292,7 +228,7 @@ class OnnxDDPMPipeline:
             providers = [(CUDA, {"enable_cuda_graph": "1"}) if name == CUDA else name for name in names]
         session = _load_session(model_path, metadata, num_threads, providers)
         float32_session = None if float32_path is None else _load_session(float32_path, metadata, num_threads, providers)
-        return cls(session, scheduler_config, metadata, cuda_graph=cuda_graph, float32_session=float32_session)
+        return cls(session, export.scheduler_config, metadata, cuda_graph=cuda_graph, float32_session=float32_session)
 
     def _check_model_interface(self, session: ort.InferenceSession) -> None:
         inputs, outputs = session.get_inputs(), session.get_outputs()
@@ -334,6 +270,8 @@ class OnnxDDPMPipeline:
     def bound_unet(self, batch_size: int) -> BoundUNet:
         """The UNet with buffers bound for `batch_size` (created once per batch size, then reused)."""
         if batch_size not in self._bound:
+            check_allocation(batch_size * int(np.prod(self.image_shape)) * FLOAT32_BYTES * SAMPLE_BUFFERS,
+                             f"`batch_size` {batch_size} of {'x'.join(map(str, self.image_shape))} images")
             if len(self._bound) >= MAX_BOUND_BATCH_SIZES and not self.cuda_graph:
                 self._bound.pop(next(iter(self._bound)))  # forget the oldest batch size's buffers
             graph_id = len(self._bound) + 1 if self.cuda_graph else None
@@ -411,9 +349,9 @@ class OnnxDDPMPipeline:
         np.copyto(unet.sample, latents, casting="same_kind")
 
         if scheduler == "ddpm":
-            step = self._ddpm_step_function(timesteps, variance_type)
+            step = ddpm_step_function(self.diffusion, self.scheduler_config, timesteps, variance_type)
         else:
-            step = self._ddim_step_function(timesteps, eta, num_inference_steps)
+            step = ddim_step_function(self.diffusion, self.scheduler_config, timesteps, eta, num_inference_steps)
         for i, t in enumerate(tqdm(timesteps, disable=not progress_bar, leave=False)):
             # 2. eps_theta(x_t, t).
             noise_pred = unet(int(t))
@@ -425,65 +363,6 @@ class OnnxDDPMPipeline:
 
         images = to_image(unet.sample)
         return OnnxPipelineOutput(images=to_pil_images(images) if output_type == "pil" else images)
-
-    def _clip(self, pred_original_sample: np.ndarray) -> np.ndarray:
-        if self.scheduler_config.get("clip_sample", True):
-            bound = self.scheduler_config.get("clip_sample_range", 1.0)
-            np.clip(pred_original_sample, -bound, bound, out=pred_original_sample)
-        return pred_original_sample
-
-    def _check_epsilon_prediction(self) -> None:
-        if self.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError(
-                f"only eps-prediction models are supported, the scheduler says "
-                f"{self.scheduler_config.get('prediction_type')!r}."
-            )
-
-    def _ddpm_step_function(self, timesteps: np.ndarray, variance_type: str) -> Callable:
-        """Ancestral step (Algorithm 2, line 4) on the (respaced) schedule, as `DDPMScheduler.step`."""
-        self._check_epsilon_prediction()
-        diffusion = respace(self.diffusion, timesteps)
-        # sigma_t^2 as diffusers applies it: beta_t (fixed_large) or beta_tilde_t floored at 1e-20 (fixed_small).
-        if variance_type.startswith("fixed_large"):
-            sigmas = np.sqrt(diffusion.betas)
-        else:
-            sigmas = np.sqrt(np.maximum(diffusion.posterior_variance, 1e-20))
-        num_steps = len(timesteps)
-
-        def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
-            k = np.full(x_t.shape[:1], num_steps - 1 - i)  # index into the respaced schedule
-            # Eq. 15: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to [-1, 1].
-            pred_original_sample = self._clip(diffusion.predict_start_from_noise(x_t, k, noise_pred))
-            # Eq. 7: mu_tilde_t(x_t, x_0); then + sigma_t z for t > 0.
-            mean, _, _ = diffusion.q_posterior_mean_variance(pred_original_sample, x_t, k)
-            if timesteps[i] > 0:
-                mean += sigmas[k[0]] * generator.standard_normal(x_t.shape, dtype=np.float32)
-            return mean, pred_original_sample
-
-        return step
-
-    def _ddim_step_function(self, timesteps: np.ndarray, eta: float, num_inference_steps: int) -> Callable:
-        """DDIM step (Song et al. 2021, Eq. 12) as `DDIMScheduler.step` with `use_clipped_model_output=False`."""
-        self._check_epsilon_prediction()
-        diffusion = self.diffusion
-        step_ratio = diffusion.num_timesteps // num_inference_steps
-        final_alpha_cumprod = 1.0 if self.scheduler_config.get("set_alpha_to_one", True) else diffusion.alphas_cumprod[0]
-
-        def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
-            t, prev_t = int(timesteps[i]), int(timesteps[i]) - step_ratio
-            alpha_bar_t = diffusion.alphas_cumprod[t]
-            alpha_bar_prev = diffusion.alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_cumprod
-            pred_original_sample = self._clip(
-                diffusion.predict_start_from_noise(x_t, np.full(x_t.shape[:1], t), noise_pred)
-            )
-            sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
-            # x_{t-1} = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
-            x_prev = np.sqrt(alpha_bar_prev) * pred_original_sample + np.sqrt(1.0 - alpha_bar_prev - sigma**2) * noise_pred
-            if eta > 0:
-                x_prev += sigma * generator.standard_normal(x_t.shape, dtype=np.float32)
-            return x_prev, pred_original_sample
-
-        return step
 
     def progressive_generation(
         self, batch_size: int = 1, num_inference_steps: int = 1000, every: int = 100, **kwargs: Any
@@ -508,57 +387,6 @@ class OnnxDDPMPipeline:
         return OnnxProgressiveOutput(images, *snapshots.stacked(), snapshots.timesteps)
 
 
-def resolve_export_folder(path: str | os.PathLike) -> Path:
-    """`path` if it holds `ddpm_onnx.json`, else its `onnx/` sub-folder if that does."""
-    folder = Path(path)
-    if (folder / ONNX_METADATA_FILE).is_file():
-        return folder
-    if (folder / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file():
-        return folder / ONNX_SUBFOLDER
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist.")
-    raise FileNotFoundError(
-        f"{folder} holds no ONNX export ({ONNX_METADATA_FILE}, also not in {ONNX_SUBFOLDER}/); create one with "
-        f"`ddpm export --model PIPELINE_DIR --output {folder}`."
-    )
-
-
-def model_file_in(folder: Path, model_file: Any) -> Path:
-    """The model `ddpm_onnx.json` names, which must lie in the export folder (no `..`, no absolute path): an export
-    never loads a network from elsewhere."""
-    if not isinstance(model_file, str) or not _lies_in(folder, model_file):
-        raise OnnxModelError(
-            f"{folder / ONNX_METADATA_FILE} names the model {model_file!r}, which lies outside the export folder "
-            f"{folder}; refusing to load it. Re-export with `ddpm export`."
-        )
-    return folder / model_file
-
-
-def check_external_data(model_path: Path, folder: Path) -> None:
-    """Refuse a model whose weights are kept in external data files outside the export folder.
-
-    Recent onnxruntime releases refuse them themselves (1.31 does), older ones read them (1.20.1 does); and the
-    `onnx` package may be missing here, so the locations are found in the protobuf bytes: an external data
-    entry is the message `StringStringEntryProto {key: "location", value: ...}`, serialised key first, as
-    `EXTERNAL_LOCATION` and a length-prefixed value.
-    """
-    import mmap
-
-    if model_path.stat().st_size == 0:  # nothing to map; onnxruntime reports the empty file
-        return
-    with model_path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        start = data.find(EXTERNAL_LOCATION)
-        while start != -1:
-            length, offset = _varint(data, start + len(EXTERNAL_LOCATION))
-            location = data[offset:offset + length].decode("utf-8", errors="replace")
-            if not _lies_in(folder, location):
-                raise OnnxModelError(
-                    f"{model_path} keeps its weights in the external data file {location!r}, which lies outside "
-                    f"the export folder {folder}; refusing to load it. Re-export with `ddpm export`."
-                )
-            start = data.find(EXTERNAL_LOCATION, offset + length)
-
-
 def _load_session(
     model_path: Path, metadata: dict[str, Any], num_threads: int | None, providers: list
 ) -> ort.InferenceSession:
@@ -577,30 +405,3 @@ def _load_session(
             f"exported at opset {metadata.get('opset')}); {advice}. onnxruntime said: {error}"
         ) from error
 
-
-def _varint(data: Any, offset: int) -> tuple[int, int]:
-    """The protobuf varint at `offset`, and the offset after it."""
-    value, shift = 0, 0
-    while offset < len(data):
-        byte = data[offset]
-        value |= (byte & 0x7F) << shift
-        offset, shift = offset + 1, shift + 7
-        if not byte & 0x80:
-            break
-    return value, offset
-
-
-def _lies_in(folder: Path, name: str) -> bool:
-    """Whether the file `name` of `folder` is inside `folder` by its name: relative, and no `..` leads out. Symbolic
-    links are not followed: the Hugging Face cache keeps every file of a snapshot as a link into its blob store."""
-    normal = os.path.normpath(name)
-    return not Path(name).is_absolute() and normal != ".." and not normal.startswith(".." + os.sep)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; re-export the folder with `ddpm export`.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise OnnxModelError(f"{path} is not valid JSON: {error}") from error
