@@ -18,6 +18,7 @@ summary), `/interpolate` (model, image_a, image_b, timestep, num_lambdas, seed) 
 from __future__ import annotations
 
 import os
+import inspect
 import random
 import shutil
 import signal
@@ -47,7 +48,7 @@ from ddpm_plugin.demo.backends import (
     interpolation_picture,
     progression_picture,
 )
-from ddpm_plugin.demo.uploads import MAX_FILE_SIZE, UploadGuard, UploadStore, read_picture
+from ddpm_plugin.demo.uploads import MAX_FILE_SIZE, UploadGuard, UploadStore, picture_path
 from ddpm_plugin.demo.web.site import WEB_PATH, mount_page
 from ddpm_plugin.vocabulary import PAPER_VARIANCE_TYPES, SAMPLERS
 
@@ -122,30 +123,44 @@ def stamped(pictures: list[Image.Image], description: str) -> list[Image.Image]:
     return pictures
 
 
-def _gallery_files(gallery: list | None, count: int) -> list[str]:
-    """The first `count` pictures of the gallery (Gradio has checked that they are its own files)."""
-    if not gallery or len(gallery) < count:
+def _gallery_files(gallery: list | None, count: int) -> list[Any]:
+    """The first `count` pictures of the gallery, as the client sent them."""
+    if not isinstance(gallery, list) or len(gallery) < count:
         raise gr.Error(f"Generate at least {count} image(s) first.", print_exception=False)
-    return [item[0] for item in gallery[:count]]
+    return [item[0] if isinstance(item, (list, tuple)) and item else item for item in gallery[:count]]
 
 
-def use_samples(gallery: list | None) -> list[str]:
-    return _gallery_files(gallery, 2)
+def checked_on_arrival(demo: gr.Blocks, pictures: Sequence[gr.components.Component]) -> None:
+    """Replace Gradio's first look at a request's values (`validate_inputs`, before any value is processed):
+
+    - a request with fewer values than its endpoint takes is answered with a message that names them, instead of
+      Gradio's error (hidden from the client, and logged with a traceback);
+    - a value of the `pictures` inputs is reduced to the path it names (a string, or none), without Gradio's file
+      tag, so Gradio neither copies nor judges that path nor refuses a malformed value (each a logged traceback):
+      `UploadStore.read` judges every path, with one message.
+    """
+    gradio_check = demo.validate_inputs
+    picture_ids = {picture._id for picture in pictures}
+
+    def validate_inputs(block_fn: Any, inputs: list[Any]) -> None:
+        try:
+            gradio_check(block_fn, inputs)
+        except ValueError:
+            names = [name for name in inspect.signature(block_fn.fn).parameters if name != "progress"]
+            raise gr.Error(f"/{block_fn.api_name} takes {len(names)} values ({', '.join(names)}), got {len(inputs)}.",
+                           print_exception=False) from None
+        for k, block in enumerate(block_fn.inputs):
+            if block._id in picture_ids and inputs[k] is not None:
+                path = picture_path(inputs[k])
+                inputs[k] = {"path": path if isinstance(path, str) else None}
+
+    demo.validate_inputs = validate_inputs
 
 
-def use_sample(gallery: list | None) -> str:
-    return _gallery_files(gallery, 1)[0]
-
-
-def _path(upload: Any) -> str | None:
-    """The server path of an uploaded picture (Gradio's `FileData`, or its dict), or None when there is none."""
-    return upload.get("path") if isinstance(upload, dict) else getattr(upload, "path", None)
-
-
-def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blocks:
+def build_demo(engine: DemoEngine, uploads: UploadStore) -> gr.Blocks:
     """The page for `engine`'s models. Call `.queue(...)` and `.launch(...)` on it, as [`launch`] does.
 
-    Uploads in `uploads` are deleted when the request that reads them ends."""
+    Picture inputs read only the uploads in `uploads`, each deleted when the request that reads it ends."""
 
     @contextmanager
     def reading(*pictures: Any) -> Iterator[None]:
@@ -154,8 +169,15 @@ def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blo
                 yield
         finally:
             for picture in pictures:
-                if uploads is not None:
-                    uploads.discard(_path(picture))
+                uploads.discard(picture_path(picture))
+
+    def use_samples(gallery: list | None) -> list[str]:
+        with shown_in_page():
+            return [uploads.adopt(picture_path(picture)) for picture in _gallery_files(gallery, 2)]
+
+    def use_sample(gallery: list | None) -> str:
+        with shown_in_page():
+            return uploads.adopt(picture_path(_gallery_files(gallery, 1)[0]))
 
     def generate(
         model: str, backend: str, sampler: str, variance_type: str, steps: float, num_images: float, seed: float,
@@ -183,7 +205,7 @@ def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blo
         progress: gr.Progress = gr.Progress(track_tqdm=True),
     ) -> tuple[Any, str]:
         with reading(image_a, image_b):
-            arrays = [read_picture(name, _path(image)) for name, image in (("Image A", image_a), ("Image B", image_b))]
+            arrays = [uploads.read(name, image) for name, image in (("Image A", image_a), ("Image B", image_b))]
             images, output = engine.interpolate(model, *arrays, timestep, num_lambdas, seed)
         lambdas = ", ".join(f"{value:.2f}" for value in output.lambdas)
         summary = f"Image A, the interpolants decoded from t = {output.timestep} at λ = {lambdas}, image B."
@@ -194,7 +216,7 @@ def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blo
         model: str, image: Any, seed: float, progress: gr.Progress = gr.Progress(track_tqdm=True)
     ) -> tuple[Any, str]:
         with reading(image):
-            fitted, output = engine.bits_per_dim(model, read_picture("Image", _path(image)), seed)
+            fitted, output = engine.bits_per_dim(model, uploads.read("Image", image), seed)
         summary = (
             "| bound (bits/dim) | rate L_T + ... + L_1 | distortion L_0 | prior L_T |\n|---:|---:|---:|---:|\n"
             f"| {output.total_bpd[0]:.3f} | {output.rate_bpd[0]:.3f} | {output.decoder_bpd[0]:.3f} "
@@ -300,6 +322,7 @@ def build_demo(engine: DemoEngine, uploads: UploadStore | None = None) -> gr.Blo
         use_two.click(use_samples, gallery, [image_a, image_b], api_visibility="private")
         use_one.click(use_sample, gallery, bpd_image, api_visibility="private")
         gr.api(engine.describe, api_name="models", api_description="The configured models, backends and limits.")
+    checked_on_arrival(demo, [image_a, image_b, bpd_image])
     return demo
 
 

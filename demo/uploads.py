@@ -9,9 +9,12 @@
   (Gradio names uploads by their content, so two visitors sending one picture would share, and delete, one
   file); the request that reads it deletes it, and one that no request uses is deleted after
   `UPLOAD_TTL_SECONDS`. Until then it is served (the page previews it) under its unguessable path.
+- **A picture input reads admitted uploads only** ([`UploadStore.read`]): any other path a client sends, absolute
+  or relative, existing or not, gets the one message [`NOT_AN_UPLOAD`], which says nothing about the path. A
+  gallery picture the page hands to another tab is copied in as an upload ([`UploadStore.adopt`]).
 
 [`UploadGuard`] enforces the first two in front of Gradio's routes; [`UploadStore`] owns the folder. This module
-needs Pillow and the standard library only.
+needs Pillow, NumPy and `ddpm_plugin.trust` only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ddpm_plugin.trust import regular_file
+
 MAX_FILE_SIZE = 2 * 2**20  # largest picture, in bytes (Gradio's `max_file_size` enforces it too)
 MAX_UPLOAD_BODY_BYTES = MAX_FILE_SIZE + 64 * 2**10  # an upload request: one picture and the multipart envelope
 MAX_JSON_BYTES = 64 * 2**10  # any other request body; the largest real one (a 16-picture gallery) is ~10 KB
@@ -34,6 +39,9 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 UPLOAD_TTL_SECONDS = 600  # an upload that no request used is deleted after this
 MAX_PENDING_UPLOADS = 256  # uploads waiting for their request; beyond that new ones are turned away
 UPLOAD_ROUTE = "/gradio_api/upload"
+# The one answer for a picture input that is not a current upload: the same for every path, so no answer says
+# whether a server file exists.
+NOT_AN_UPLOAD = "{name}: upload it again; the demo reads only pictures uploaded to it, each for one request."
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -67,12 +75,9 @@ def check_picture(name: str, path: str | Path) -> None:
         )
 
 
-def read_picture(name: str, path: str | Path | None) -> np.ndarray:
-    """The picture at `path` as a uint8 RGB (height, width, 3) array, decoded only after [`check_picture`]."""
-    if path is None:
-        raise ValueError(f"{name}: upload an image first.")
-    if not Path(path).is_file():
-        raise ValueError(f"{name}: the upload was used by an earlier request and deleted; upload it again.")
+def read_picture(name: str, path: str | Path) -> np.ndarray:
+    """The picture at `path` (an admitted upload, see [`UploadStore.path_of`]) as a uint8 RGB (height, width, 3)
+    array, decoded only after [`check_picture`]."""
     check_picture(name, path)
     try:
         with Image.open(path) as picture:
@@ -82,13 +87,31 @@ def read_picture(name: str, path: str | Path | None) -> np.ndarray:
 
 
 class UploadStore:
-    """The folder of admitted uploads, `root/uploads/<random id>/<name>`; `root` is Gradio's upload folder."""
+    """The folder of admitted uploads, `root/uploads/<random id>/<name>`; `root` is Gradio's file folder of this
+    run (uploads and the pictures the demo generated)."""
 
     def __init__(self, root: str | Path) -> None:
-        self.folder = Path(root).resolve() / "uploads"
+        self.root = Path(root).resolve()
+        self.folder = self.root / "uploads"
 
     def holds(self, path: str | Path | None) -> bool:
         return path is not None and Path(path).resolve().is_relative_to(self.folder)
+
+    def read(self, name: str, value: Any) -> np.ndarray:
+        """The picture of the upload that a picture input's `value` (Gradio's `FileData` or its dict) names; a
+        `ValueError` with the one message [`NOT_AN_UPLOAD`] for anything else."""
+        if value is None:
+            raise ValueError(f"{name}: upload an image first.")
+        return read_picture(name, _inside(self.folder, picture_path(value), NOT_AN_UPLOAD.format(name=name)))
+
+    def adopt(self, path: Any) -> str:
+        """A picture this run generated (`path` inside `root`, a regular file), copied in as an upload of its own
+        for the request that reads it; a `ValueError` for any other path."""
+        source = _inside(self.root, path, "Use a picture of the gallery above: generate images first.")
+        target = self.folder / uuid.uuid4().hex / source.name
+        target.parent.mkdir(parents=True)
+        shutil.copyfile(source, target)
+        return str(target)
 
     def admit(self, paths: list[str]) -> list[str]:
         """Check the files Gradio has just stored; move each into a folder of its own and return the new paths,
@@ -126,6 +149,23 @@ class UploadStore:
 
     def _pending(self) -> list[Path]:
         return list(self.folder.iterdir()) if self.folder.is_dir() else []
+
+
+def picture_path(value: Any) -> Any:
+    """The path a picture input's value names (a path, Gradio's `FileData` or its dict), unchecked; None when
+    none."""
+    if isinstance(value, str):
+        return value
+    return value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
+
+
+def _inside(folder: Path, path: Any, message: str) -> Path:
+    """`path` when it names a regular file below `folder` reached through no link; else `ValueError(message)`,
+    the same whatever the path (absolute or relative, existing or not)."""
+    try:
+        return regular_file(folder, Path(path).relative_to(folder))
+    except (TypeError, ValueError, OSError):  # UntrustedInputError is a ValueError, FileNotFoundError an OSError
+        raise ValueError(message) from None
 
 
 def _remove(path: Path) -> None:

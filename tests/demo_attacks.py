@@ -1,4 +1,6 @@
-"""Hostile requests against a running demo server, as an attacker would send them (issue 11, items 4-6).
+"""Hostile requests against a running demo server, as an attacker would send them: decompression bombs, junk
+uploads, oversized bodies, wrong types, server paths passed as pictures, too few arguments, and links in the
+served export folder (`web_page_answers`).
 
 `python tests/demo_attacks.py URL` runs each once and prints a table of what the server answered; the tests in
 `test_demo_server.py` assert on the same functions.
@@ -108,6 +110,32 @@ def bits_per_dim_of_upload(url: str, model: str, content: bytes, name: str = "di
     return uploaded, call(url, "bits_per_dim", [model, file_data(path), 0])
 
 
+def server_pictures(workdir: Path, server_cwd: Path) -> dict[str, dict]:
+    """Picture values that name files of the server instead of an upload: an existing picture (absolute and
+    relative to the server's working folder), a file that is not one, a missing one, and paths that climb out of
+    Gradio's folder; each plain and tagged as Gradio's own file object. Writes the picture it names."""
+    secret = workdir / "secret.png"
+    secret.write_bytes(small_picture(seed=1234))
+    (server_cwd / "secret.png").write_bytes(small_picture(seed=4321))
+    paths = {
+        "absolute picture": str(secret), "relative picture": "secret.png", "/etc/passwd": "/etc/passwd",
+        "/etc/shadow": "/etc/shadow", "missing file": str(workdir / "no-such-picture.png"),
+        "climbing path": "../../../../../../etc/passwd", "empty path": "",
+    }
+    values = {name: {"path": path} for name, path in paths.items()}
+    values.update({f"{name} (tagged)": file_data(path) for name, path in paths.items() if path})
+    values["a number"] = 7
+    values["a list"] = [str(secret)]
+    return values
+
+
+def picture_call(url: str, model: str, api_name: str, picture: object) -> Answer:
+    """`/bits_per_dim` or `/interpolate` with `picture` as every picture input."""
+    if api_name == "interpolate":
+        return call(url, "interpolate", [model, picture, picture, 10, 3, 0])
+    return call(url, "bits_per_dim", [model, picture, 0])
+
+
 def oversized_json(url: str, megabytes: int = 30) -> Answer:
     body = json.dumps({"data": ["x" * (megabytes * 2**20)], "fn_index": 0, "session_hash": "big"}).encode()
     response = httpx.post(f"{url}/gradio_api/queue/join", content=body, timeout=TIMEOUT,
@@ -127,8 +155,13 @@ def generate(url: str, model: str, **changes) -> Answer:
     return call(url, "generate", [model, *(values[name] for name in names)])
 
 
+def too_few_arguments(url: str, model: str) -> Answer:
+    return call(url, "generate", [model])
+
+
 def main(url: str, model: str, workdir: Path) -> None:
     bomb = decompression_bomb(workdir / "bomb.png").read_bytes()
+    pictures = server_pictures(workdir, workdir)
     attacks = {
         "13,000 x 13,000 PNG (0.49 MB) to /bits_per_dim": lambda: bits_per_dim_of_upload(url, model, bomb)[0],
         **{f"upload {name}": (lambda n=name, c=content: upload(url, {n: c})) for name, content in JUNK_UPLOADS.items()},
@@ -142,6 +175,9 @@ def main(url: str, model: str, workdir: Path) -> None:
         "images [2]": lambda: generate(url, model, images=[2]),
         "eta inf": lambda: generate(url, model, eta=float("inf"), sampler="ddim"),
         "unknown model": lambda: generate(url, "../pipeline"),
+        "too few arguments to /generate": lambda: too_few_arguments(url, model),
+        **{f"{name} to /bits_per_dim": (lambda p=picture: picture_call(url, model, "bits_per_dim", p))
+           for name, picture in pictures.items()},
     }
     print("| attack | status | answer |\n|---|---:|---|")
     for name, attack in attacks.items():

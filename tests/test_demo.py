@@ -190,10 +190,11 @@ def test_describe_lists_models_backends_and_limits(engine):
     assert str(engine.models["pipeline"].folder) not in str(description)  # no server paths leak
 
 
-def test_page_exposes_only_the_named_api(engine):
+def test_page_exposes_only_the_named_api(engine, tmp_path):
     from ddpm_plugin.demo.app import build_demo
+    from ddpm_plugin.demo.uploads import UploadStore
 
-    demo = build_demo(engine)
+    demo = build_demo(engine, UploadStore(tmp_path))
     public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert public == {"generate", "interpolate", "bits_per_dim", "models"}
 

@@ -31,6 +31,7 @@ from PIL import Image
 import demo_attacks as attacks
 from ddpm_plugin.bundled import BUNDLED_MODEL
 from ddpm_plugin.demo.backends import GALLERY_PIXELS, display_scale
+from ddpm_plugin.demo.uploads import NOT_AN_UPLOAD
 
 
 CHROMIUM_FLAGS = [
@@ -193,6 +194,35 @@ def test_named_api_interpolates_and_measures_bits_per_dim(demo_server, tmp_path)
         client.predict("pipeline", upload, upload, 1000, 4, 0, api_name="/interpolate")
 
 
+@pytest.fixture(scope="module")
+def server_pictures(demo_server, tmp_path_factory) -> dict[str, object]:
+    return attacks.server_pictures(tmp_path_factory.mktemp("secrets"), demo_server.log.parent)
+
+
+@pytest.mark.parametrize(("api_name", "input_name"), [("bits_per_dim", "Image"), ("interpolate", "Image A")])
+def test_a_picture_input_reads_no_server_file_and_says_nothing_about_the_path(
+    demo_server, server_pictures, api_name, input_name
+):
+    """Absolute or relative, existing, unreadable or missing, plain or tagged as Gradio's file object: one
+    message, the same for every path, so the answer is no file-existence oracle either."""
+    logged = demo_server.log.stat().st_size
+    for name, picture in server_pictures.items():
+        answer = attacks.picture_call(demo_server.url, "pipeline", api_name, picture)
+        assert answer.status == 400, (name, answer)
+        assert json.loads(answer.text)["error"] == NOT_AN_UPLOAD.format(name=input_name), (name, answer)
+    assert "Traceback" not in demo_server.log.read_text()[logged:]
+
+
+def test_too_few_arguments_get_a_message_that_names_the_inputs_and_log_no_traceback(demo_server):
+    logged = demo_server.log.stat().st_size
+    answer = attacks.too_few_arguments(demo_server.url, "pipeline")
+    assert answer.status == 400
+    assert json.loads(answer.text)["error"] == (
+        "/generate takes 8 values (model, backend, sampler, variance_type, steps, num_images, seed, eta), got 1."
+    )
+    assert "Traceback" not in demo_server.log.read_text()[logged:]
+
+
 def test_the_browser_page_is_served_beside_the_gradio_page_and_linked_from_it(demo_server):
     page = httpx.get(f"{demo_server.url}/web/", timeout=30)
     assert page.status_code == 200 and "<html" in page.text.lower()
@@ -214,10 +244,11 @@ def test_server_serves_no_file_but_its_own_outputs(demo_server):
         assert error.value.code == 403
 
 
-def test_a_client_cannot_pass_a_server_path_as_a_gallery_picture(demo_server):
+@pytest.mark.parametrize("picture", ["/etc/passwd (tagged)", "absolute picture (tagged)", "absolute picture"])
+def test_a_client_cannot_pass_a_server_path_as_a_gallery_picture(demo_server, server_pictures, picture):
     config = httpx.get(f"{demo_server.url}/config").json()
     fn_index = next(k for k, dependency in enumerate(config["dependencies"]) if dependency["api_name"] == "use_sample")
-    smuggled = {"image": {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "caption": None}
+    smuggled = {"image": server_pictures[picture], "caption": None}
     session = "smuggler"
     join = httpx.post(f"{demo_server.url}/gradio_api/queue/join",
                       json={"data": [[smuggled]], "fn_index": fn_index, "session_hash": session})
@@ -295,7 +326,7 @@ def test_an_upload_is_served_until_its_request_ends_then_deleted(demo_server):
     assert not Path(path).exists()
     assert httpx.get(f"{demo_server.url}/gradio_api/file={path}").status_code == 403
     again = attacks.call(demo_server.url, "bits_per_dim", ["pipeline", attacks.file_data(path), 0])
-    assert again.status == 400 and "upload it again" in again.text
+    assert again.status == 400 and json.loads(again.text)["error"] == NOT_AN_UPLOAD.format(name="Image")
 
 
 @pytest.mark.slow

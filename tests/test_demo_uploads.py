@@ -1,6 +1,6 @@
-"""What the demo accepts from visitors, in-process: pictures within the pixel budget, checked before decoding, and
-an upload folder whose files live until their request ends (issue 11, items 4-5). `test_demo_server.py` sends
-the same attacks to a real server."""
+"""What the demo accepts from visitors, in-process: pictures within the pixel budget, checked before decoding, an
+upload folder whose files live until their request ends, and picture inputs that read nothing but those uploads.
+`test_demo_server.py` sends the same attacks to a real server."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from demo_attacks import JUNK_UPLOADS, decompression_bomb, small_picture
 
 from ddpm_plugin.demo.uploads import (
     MAX_PENDING_UPLOADS,
+    NOT_AN_UPLOAD,
     UPLOAD_TTL_SECONDS,
     RefusedUpload,
     UploadStore,
@@ -50,15 +51,11 @@ def test_files_that_are_not_pictures_are_refused_with_a_message(tmp_path, name):
     assert refused.value.status == 415
 
 
-def test_a_picture_is_read_as_rgb_and_a_missing_one_named(tmp_path):
+def test_a_picture_is_read_as_rgb(tmp_path):
     path = tmp_path / "digit.png"
     path.write_bytes(small_picture(seed=3))
     array = read_picture("Image", path)
     assert array.shape == (24, 24, 3) and array.dtype == np.uint8
-    with pytest.raises(ValueError, match="Image: upload an image first"):
-        read_picture("Image", None)
-    with pytest.raises(ValueError, match="Image B: the upload was used by an earlier request and deleted"):
-        read_picture("Image B", tmp_path / "gone.png")
 
 
 def gradio_upload(root: Path, name: str, content: bytes) -> str:
@@ -117,3 +114,46 @@ def test_check_picture_reads_only_the_header(tmp_path):
     check_picture("Image", path)  # the header alone is fine ...
     with pytest.raises(RefusedUpload, match="Image cannot be decoded"):
         read_picture("Image", path)  # ... decoding is not
+
+
+def test_a_picture_input_reads_an_admitted_upload_and_nothing_else(tmp_path):
+    (tmp_path / "run").mkdir()
+    store = UploadStore(tmp_path / "run")
+    (upload,) = store.admit([gradio_upload(store.root, "digit.png", small_picture(seed=4))])
+    assert store.read("Image", {"path": upload, "meta": {"_type": "gradio.FileData"}}).shape == (24, 24, 3)
+    with pytest.raises(ValueError, match="Image: upload an image first"):
+        store.read("Image", None)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(small_picture(seed=5))
+    generated = store.root / "abc" / "image.png"  # a picture the demo generated: not an upload
+    generated.parent.mkdir()
+    generated.write_bytes(small_picture(seed=6))
+    linked = store.folder / "linked" / "digit.png"
+    linked.parent.mkdir()
+    linked.symlink_to(outside)
+    fifo = store.folder / "fifo" / "digit.png"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    store.discard(upload)
+    hostile = [str(outside), "secret.png", "/etc/passwd", "/etc/shadow", str(tmp_path / "missing.png"), "",
+               f"{store.folder}/../../secret.png", str(generated), str(linked), str(fifo), upload, 7, ["x"]]
+    for value in hostile:
+        for wrapped in (value, {"path": value}):
+            with pytest.raises(ValueError) as refused:
+                store.read("Image B", wrapped)
+            assert str(refused.value) == NOT_AN_UPLOAD.format(name="Image B"), value
+
+
+def test_a_gallery_picture_is_adopted_as_an_upload_and_no_other_path(tmp_path):
+    store = UploadStore(tmp_path / "run")
+    generated = store.root / "abc" / "image.png"
+    generated.parent.mkdir(parents=True)
+    generated.write_bytes(small_picture(seed=6))
+    adopted = store.adopt(str(generated))
+    assert store.holds(adopted) and Path(adopted).read_bytes() == generated.read_bytes()
+    assert store.read("Image", adopted).shape == (24, 24, 3)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(small_picture(seed=5))
+    for path in (str(outside), "/etc/passwd", f"{store.root}/../secret.png", None):
+        with pytest.raises(ValueError, match="Use a picture of the gallery above"):
+            store.adopt(path)
