@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from ddpm_plugin.demo.web.testing import ReplayedNoise, browser_replay_eps, brow
 from ddpm_plugin.export.coefficients import ARRAYS, COEFFICIENTS_FILE, write_coefficients
 from ddpm_plugin.export.onnx_pipeline import BoundUNet, OnnxDDPMPipeline, OnnxModelError, inference_timesteps
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
+from ddpm_plugin.trust import UntrustedInputError
 
 PARITY_TOLERANCE = 1e-4
 # The bundled 8x8 digits model serves most tests (1000 browser steps in seconds); the parity tests also run the
@@ -180,6 +183,76 @@ def test_site_files_refuse_a_model_file_outside_the_export(tmp_path, web_export)
     with pytest.raises(SystemExit) as exit_info:  # the standalone server: one line, no traceback
         site.main(["--model", str(folder), "--port", "0"])
     assert exit_info.value.code == 1
+
+
+def _hostile_export(tmp_path: Path, web_export: Path, case: str) -> tuple[Path, Path]:
+    """A copy of the export with a link or special file in it, and the secret a link points to."""
+    folder = tmp_path / "onnx"
+    shutil.copytree(web_export, folder)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"secret": "the server\'s own file"}')
+    if case == "served file is a link":
+        (folder / COEFFICIENTS_FILE).unlink()
+        (folder / COEFFICIENTS_FILE).symlink_to(secret)
+    elif case == "link to /dev/zero":
+        (folder / "notes.txt").symlink_to("/dev/zero")
+    elif case == "linked folder":
+        shutil.rmtree(folder / "scheduler")
+        (folder / "scheduler").symlink_to(tmp_path)
+    else:
+        os.mkfifo(folder / "pipe")
+    return folder, secret
+
+
+HOSTILE_EXPORTS = ["served file is a link", "link to /dev/zero", "linked folder", "fifo"]
+
+
+@pytest.mark.parametrize("case", HOSTILE_EXPORTS)
+def test_a_link_or_special_file_in_the_export_folder_is_refused_at_start_up(tmp_path, web_export, case):
+    """The page, its standalone server and the Space writer serve or copy regular files inside the export only;
+    a link anywhere in it (or a device, a FIFO) is refused with a message before anything is served."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    folder, secret = _hostile_export(tmp_path, web_export, case)
+    refusal = r"is a link; only regular files|is not a regular file"
+    with pytest.raises(UntrustedInputError, match=refusal):
+        site.site_files(folder)
+    app = FastAPI()
+    site.mount_page(app, folder)
+    answer = TestClient(app).get("/web/model/" + COEFFICIENTS_FILE)
+    assert answer.status_code == 503 and re.search(refusal, answer.text) and "secret" not in answer.text
+    with pytest.raises(SystemExit) as exit_info:  # the standalone server: one line, no traceback
+        site.main(["--model", str(folder), "--port", "0"])
+    assert exit_info.value.code == 1
+    command = [sys.executable, "-m", "ddpm_plugin.demo.web.site", "--model", str(folder), "--space", str(tmp_path / "space")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and re.search(refusal, done.stderr) and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "space").exists()
+
+
+def test_a_served_file_replaced_by_a_link_after_start_up_is_not_served(tmp_path, web_export):
+    _require_ort_web()
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(web_export, folder)
+    app = FastAPI()
+    site.mount_page(app, folder)
+    client = TestClient(app)
+    server = site.serve(folder)
+    url = f"http://127.0.0.1:{server.server_port}/model/{COEFFICIENTS_FILE}"
+    try:
+        assert client.get("/web/model/" + COEFFICIENTS_FILE).status_code == 200 and _get(url)[0] == 200
+        (folder / COEFFICIENTS_FILE).unlink()
+        (folder / COEFFICIENTS_FILE).symlink_to("/etc/passwd")
+        answer = client.get("/web/model/" + COEFFICIENTS_FILE)
+        assert answer.status_code == 404 and "root:" not in answer.text
+        assert _get(url)[0] == 404
+    finally:
+        server.shutdown()
 
 
 def test_site_files_refuse_an_int8_export_that_needs_its_float32_graph_for_small_t(tmp_path, web_export):

@@ -20,17 +20,18 @@ plain static server) the page runs one WASM thread.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import mimetypes
 import os
 import shutil
+import stat
 import threading
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from ddpm_plugin.trust import UntrustedInputError, check_no_links, read_json
 from ddpm_plugin.vocabulary import ONNX_METADATA_FILE, ONNX_MODEL_FILE
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
     """URL path (relative to the page, `""` for the page itself) -> file, for the page on `export_dir`.
 
     Raises:
+        `UntrustedInputError`: the export folder holds a link or a special file (anywhere in it).
         `FileNotFoundError`: onnxruntime-web is not installed (`npm ci` in demo/web), or the export lacks a file
         the page reads (`diffusion_coefficients.json` comes from `ddpm_plugin.export.coefficients`).
         `OnnxModelError`: the export's metadata names a model outside the export folder, or it is an int8 export
@@ -90,9 +92,10 @@ def site_files(export_dir: str | os.PathLike) -> dict[str, Path]:
     from ddpm_plugin.export.coefficients import COEFFICIENTS_FILE
     from ddpm_plugin.export.onnx_pipeline import OnnxModelError, model_file_in, resolve_export_folder
 
-    ort_dist = find_ort_dist()
     folder = resolve_export_folder(export_dir)
-    metadata = json.loads((folder / ONNX_METADATA_FILE).read_text())
+    check_no_links(folder)
+    ort_dist = find_ort_dist()
+    metadata = read_json(folder / ONNX_METADATA_FILE)
     if metadata.get("float32_below_t"):
         raise OnnxModelError(
             f"{folder} is an int8 export that runs its float32 graph for t < {metadata['float32_below_t']}; the page "
@@ -126,6 +129,15 @@ def find_ort_dist() -> Path:
     )
 
 
+def still_regular(path: Path) -> bool:
+    """Whether `path` is (still) a regular file reached without a link at its last component: a file checked at
+    start-up and replaced by a link since is not served."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def content_type(path: str) -> str:
     return CONTENT_TYPES.get(Path(path).suffix) or mimetypes.guess_type(path)[0] or "application/octet-stream"
 
@@ -139,7 +151,7 @@ class _Handler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?", 1)[0].lstrip("/")
         file = self.files.get(path)
-        if file is None:
+        if file is None or not still_regular(file):
             self.send_error(HTTPStatus.NOT_FOUND)
             return
         body = file.read_bytes()
@@ -191,7 +203,7 @@ def asgi_app(export_dir: str | os.PathLike) -> Any:
             # The page's relative URLs (app.js, model/...) need the folder's trailing slash.
             return RedirectResponse(request.url.replace(path=request.url.path + "/"), headers=ISOLATION_HEADERS)
         file = files.get(path)
-        if file is None:
+        if file is None or not still_regular(file):
             return PlainTextResponse("Not found", status_code=404, headers=ISOLATION_HEADERS)
         return FileResponse(file, media_type=content_type(file.name), headers=ISOLATION_HEADERS)
 
@@ -221,7 +233,7 @@ def mount_page(app: Any, export_dir: str | os.PathLike, path: str = WEB_PATH) ->
 
     try:
         page = asgi_app(export_dir)
-    except (FileNotFoundError, OnnxModelError) as error:
+    except (FileNotFoundError, OnnxModelError, UntrustedInputError) as error:
         logger.warning("the browser sampler page is off: %s", error)
         page = _unavailable_app(f"The browser sampler is off: {error}")
     app.mount(path, page)
@@ -262,7 +274,7 @@ def write_space(export_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
         `Path`: `output_dir`.
 
     Raises:
-        `FileNotFoundError`, `OnnxModelError`: as [`site_files`].
+        `UntrustedInputError`, `FileNotFoundError`, `OnnxModelError`: as [`site_files`].
         `FileExistsError`: `output_dir` holds files.
     """
     files = site_files(export_dir)
@@ -273,8 +285,10 @@ def write_space(export_dir: str | os.PathLike, output_dir: str | os.PathLike) ->
         if url_path:  # "" is index.html again
             target = output_dir / url_path
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-    metadata = json.loads((output_dir / "model" / ONNX_METADATA_FILE).read_text())
+            if not still_regular(source):
+                raise UntrustedInputError(f"{source} is no longer a regular file; only regular files are copied.")
+            shutil.copyfile(source, target, follow_symlinks=False)
+    metadata = read_json(output_dir / "model" / ONNX_METADATA_FILE)
     (output_dir / "README.md").write_text(SPACE_README.format(
         preset=metadata.get("preset") or "DDPM", size=metadata["sample_size"], channels=metadata["in_channels"],
         model_mb=(output_dir / "model" / metadata.get("model_file", ONNX_MODEL_FILE)).stat().st_size / 1e6,
@@ -302,14 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.space:
         try:
             folder = write_space(model, args.space)
-        except (FileNotFoundError, FileExistsError, OnnxModelError) as error:
+        except (FileNotFoundError, FileExistsError, OnnxModelError, UntrustedInputError) as error:
             parser.exit(1, f"error: {error}\n")
         size_mb = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
         print(f"{folder}: a static Space of {size_mb:.1f} MB (upload it as it is).")
         return 0
     try:
         server = serve(model, args.host, args.port)
-    except (FileNotFoundError, OnnxModelError) as error:
+    except (FileNotFoundError, OnnxModelError, UntrustedInputError) as error:
         parser.exit(1, f"error: {error}\n")
     print(f"The browser sampler is on http://{args.host}:{server.server_port}/ (Ctrl+C stops it).")
     try:
