@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from numbers import Integral
-from pathlib import Path
 from typing import Any
 
 from .trust import UntrustedInputError, check_allocation, read_json, regular_file
@@ -45,39 +44,50 @@ def check_schedule_size(config: Any, where: str) -> None:
 
 
 def check_image_size(sample_size: Any, channels: Any, where: str, batch_size: int = 1,
-                     activation_maps: int = SAMPLE_BUFFERS) -> tuple[int, int, int]:
+                     image_bytes: int = FLOAT32_BYTES * SAMPLE_BUFFERS) -> tuple[int, int, int]:
     """`(channels, height, width)` from a config's `sample_size` (an int or `[height, width]`) and channel count,
-    refused unless they are whole numbers whose `batch_size` images, `activation_maps` float32 copies each, fit
-    in memory."""
+    refused unless they are whole numbers and `batch_size` images of `image_bytes` per pixel and channel fit in
+    memory."""
     if isinstance(sample_size, (list, tuple)) and len(sample_size) == 2:
         height, width = (check_positive_int(size, where, "sample_size") for size in sample_size)
     else:
         height = width = check_positive_int(sample_size, where, "sample_size")
     channels = check_positive_int(channels, where, "in_channels")
-    check_allocation(batch_size * channels * height * width * FLOAT32_BYTES * activation_maps,
+    check_allocation(batch_size * channels * height * width * image_bytes,
                      f"{where} `sample_size` {sample_size!r} (images of {channels}x{height}x{width})")
     return channels, height, width
 
 
+def unet_activation_bytes(unet: dict[str, Any], height: int, width: int, where: str) -> int:
+    """An estimate of one image's activations in a `UNet2DModel` forward pass: the first level's
+    `block_out_channels[0]` float32 feature maps, kept once per layer for the skip connections, plus the largest
+    attention score matrix (tokens x tokens at the resolution of each attention level and of the middle block)."""
+    widths = unet.get("block_out_channels", [64])
+    if not isinstance(widths, list) or not widths:
+        raise UntrustedInputError(f"{where}: `block_out_channels` must be a non-empty list, got {widths!r}.")
+    first = check_positive_int(widths[0], where, "block_out_channels")
+    layers = check_positive_int(unet.get("layers_per_block", 2), where, "layers_per_block")
+    blocks = unet.get("down_block_types", [])
+    blocks = blocks if isinstance(blocks, list) else []
+    levels = [level for level, block in enumerate(blocks) if "Attn" in str(block)]
+    if unet.get("add_attention", True):
+        levels.append(max(len(blocks) - 1, 0))
+    tokens = max([(height >> level) * (width >> level) for level in levels], default=0)
+    return FLOAT32_BYTES * (height * width * first * (layers + 3) + tokens * tokens)
+
+
 def check_pipeline_folder(folder: str | os.PathLike) -> None:
     """Refuse a pipeline folder whose UNet or scheduler configuration is not a JSON object, has sizes of the wrong
-    type, or declares sizes this machine cannot sample, naming the file and the field. The UNet's activations are
-    estimated from its first level: `block_out_channels[0]` feature maps, kept once per layer for the skip
-    connections."""
+    type, or declares sizes this machine cannot sample (see [`unet_activation_bytes`]), naming the file and the
+    field."""
     unet_path = regular_file(folder, UNET_CONFIG, what="the UNet configuration")
     unet = read_json(unet_path)
+    where = str(unet_path)
     if not isinstance(unet, dict):
-        raise UntrustedInputError(f"{unet_path} must hold a JSON object, got {type(unet).__name__}.")
-    widths = unet.get("block_out_channels", [64])
-    width = widths[0] if isinstance(widths, list) and widths else widths
-    width = check_positive_int(width, str(unet_path), "block_out_channels")
-    layers = check_positive_int(unet.get("layers_per_block", 2), str(unet_path), "layers_per_block")
-    check_positive_int(unet.get("out_channels", unet.get("in_channels", 3)), str(unet_path), "out_channels")
-    check_image_size(unet.get("sample_size"), unet.get("in_channels", 3), str(unet_path),
-                     activation_maps=width * (layers + 3))
+        raise UntrustedInputError(f"{where} must hold a JSON object, got {type(unet).__name__}.")
+    channels, height, width = check_image_size(unet.get("sample_size"), unet.get("in_channels", 3), where)
+    check_positive_int(unet.get("out_channels", channels), where, "out_channels")
+    check_allocation(unet_activation_bytes(unet, height, width, where),
+                     f"{where} `sample_size` {unet.get('sample_size')!r} (a UNet forward pass on {height}x{width} images)")
     scheduler_path = regular_file(folder, SCHEDULER_CONFIG, what="the scheduler configuration")
     check_schedule_size(read_json(scheduler_path), str(scheduler_path))
-
-
-def has_pipeline(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file()

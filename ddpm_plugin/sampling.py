@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .images import make_grid, to_uint8
+from .model_folder import check_pipeline_folder
 from .vocabulary import (
     BACKENDS,
     ONNX_METADATA_FILE,
@@ -60,15 +61,35 @@ def with_scheduler(
 
 def load_pipeline(model: str | os.PathLike, scheduler: Sampler = "ddpm") -> "DDPMPaperPipeline":
     """`DDPMPaperPipeline` from a folder, with its paper `DDPMScheduler` or a `DDIMScheduler` of the same
-    training schedule: the one loader of evaluation, the demo, `ddpm sample` and `ddpm push`."""
+    training schedule: the one loader of evaluation, the demo, `ddpm sample` and `ddpm push`. The folder's
+    configs are checked ([`check_pipeline_folder`]) before anything is built, and weights that are not all finite
+    are refused, naming them."""
     from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline
 
     check_sampler(scheduler)
     if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, "model_index.json")):
-        raise FileNotFoundError(f"{model} is not a pipeline folder (no model_index.json).")
+        hint = ""
+        if os.path.isfile(os.path.join(model, ONNX_METADATA_FILE)):
+            hint = " It is an ONNX export: sample it with the onnxruntime backend."
+        raise FileNotFoundError(f"{model} is not a pipeline folder (no model_index.json).{hint}")
+    check_pipeline_folder(model)
     pipe = DDPMPaperPipeline.from_pretrained(model)
+    check_finite_weights(pipe.unet, model)
     pipe.set_progress_bar_config(leave=False)
     return pipe if scheduler == "ddpm" else with_scheduler(pipe, scheduler)
+
+
+def check_finite_weights(unet: Any, model: str | os.PathLike) -> None:
+    """`ValueError` naming the UNet weights of `model` that hold NaN or infinity (a diverged training run)."""
+    import torch
+
+    bad = [(name, int((~torch.isfinite(tensor)).sum())) for name, tensor in unet.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        total = sum(count for _, count in bad)
+        names = ", ".join(f"{name} ({count:,})" for name, count in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(f"{model}: the UNet holds {total:,} non-finite weights (NaN or infinity) in {len(bad)} "
+                         f"tensors: {names}; it cannot be sampled (its training diverged).")
 
 
 def sample_grid(pipe: "DDPMPaperPipeline", num_images: int, num_inference_steps: int, seed: int = 0,
@@ -85,8 +106,11 @@ def sample_grid(pipe: "DDPMPaperPipeline", num_images: int, num_inference_steps:
 
 
 def default_backend(model: str | os.PathLike) -> Backend:
-    """ONNX Runtime when the pipeline folder carries an export in `onnx/` (as `ddpm export` writes it), else PyTorch."""
-    return "onnxruntime" if (Path(model) / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file() else "pytorch"
+    """ONNX Runtime when the folder is an ONNX export or carries one in `onnx/` (as `ddpm export` writes it), else
+    PyTorch."""
+    folder = Path(model)
+    exported = (folder / ONNX_METADATA_FILE).is_file() or (folder / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file()
+    return "onnxruntime" if exported else "pytorch"
 
 
 def image_seed(seed: int, index: int) -> int:

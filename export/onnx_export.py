@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ddpm_plugin.model_folder import check_pipeline_folder
 from ddpm_plugin.vocabulary import (
     ONNX_FLOAT32_MODEL_FILE,
     ONNX_METADATA_FILE,
@@ -220,6 +221,7 @@ def export_onnx(
     weights = model_dir / "unet" / WEIGHTS_NAME
     if not weights.is_file() or not scheduler_config.is_file():
         raise FileNotFoundError(f"{model_dir} is not a pipeline folder (it needs unet/{WEIGHTS_NAME} and {SCHEDULER_CONFIG}).")
+    check_pipeline_folder(model_dir)
     if output_dir.resolve() == model_dir.resolve():
         raise ValueError(
             f"write the export to its own folder, such as {model_dir / ONNX_SUBFOLDER}, not into {model_dir}."

@@ -4,7 +4,8 @@
 scheduler configuration through `ddpm_plugin.trust`, checks every field the sampler uses and the memory the
 declared sizes ask for, and names the model files, each a regular file inside the folder. An external data file
 that a model names must be one too: the model is parsed as the ONNX protobuf schema defines it (without loading
-its weights), so every tensor's `location`, wherever it sits in the message, is checked.
+its weights), so every tensor's `location`, wherever it sits in the message, is checked, and so are the weights
+held in the model: NaN or infinity is refused, naming the tensors.
 
 Imports neither onnxruntime nor torch: the coefficient writer and the web page's server resolve exports with it.
 """
@@ -15,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 from ddpm_plugin.model_folder import check_image_size, check_schedule_size
 from ddpm_plugin.trust import UntrustedInputError, read_bytes, read_json, regular_file
@@ -133,7 +136,7 @@ def open_export_folder(path: str | os.PathLike) -> ExportFolder:
     if float32_below_t:
         float32_path = model_file_in(folder, metadata.get("float32_model_file", ONNX_FLOAT32_MODEL_FILE))
     for file in filter(None, (model_path, float32_path)):
-        check_external_data(file, folder)
+        check_model_file(file, folder)
     return ExportFolder(folder, metadata, scheduler_config, image_shape, model_path, float32_path, float32_below_t)
 
 
@@ -150,6 +153,8 @@ _SCHEMA: dict[str, dict[int, str]] = {
     "SparseTensorProto": {1: "TensorProto", 2: "TensorProto"},
     "TensorProto": {13: "StringStringEntryProto"},
 }
+# `TensorProto.data_type` of the float types whose values are checked for NaN and infinity.
+_FLOAT_TYPES = {1: np.dtype("<f4"), 10: np.dtype("<f2"), 11: np.dtype("<f8")}
 _MAX_DEPTH = 64  # subgraphs nest (If/Loop bodies); onnxruntime refuses deeper models itself
 
 
@@ -192,34 +197,67 @@ def _fields(data: memoryview, where: Path) -> Iterator[tuple[int, int, Any]]:
         raise OnnxModelError(f"{where} is not an ONNX model (truncated or corrupt); re-export with `ddpm export`.")
 
 
-def external_data_locations(model_path: Path) -> list[str]:
+@dataclass
+class ModelScan:
+    """What [`scan_model`] finds in an ONNX model: every external data `location`, and the names of the tensors
+    stored in the model whose float values are not all finite, with the count of such values."""
+
+    locations: list[str]
+    nonfinite: dict[str, int]
+
+
+def _nonfinite_count(tensor: dict[int, list[Any]]) -> int:
+    dtype = _FLOAT_TYPES.get(tensor.get(2, [0])[-1])
+    if dtype is None:
+        return 0
+    values = [np.frombuffer(bytes(raw), dtype=dtype) for raw in tensor.get(9, []) if len(raw) % np.dtype(dtype).itemsize == 0]
+    if dtype == np.float32:  # `float_data`, packed
+        values += [np.frombuffer(bytes(raw), dtype="<f4") for raw in tensor.get(4, []) if len(raw) % 4 == 0]
+    return sum(int((~np.isfinite(array)).sum()) for array in values)
+
+
+def scan_model(model_path: Path) -> ModelScan:
     """Every `location` of every tensor's external data in the ONNX model `model_path`, wherever the tensor sits
-    (initializers, sparse initializers, node attributes, subgraphs, functions), in any field order."""
+    (initializers, sparse initializers, node attributes, subgraphs, functions), in any field order; and the
+    tensors held in the model with NaN or infinite values."""
     data = memoryview(read_bytes(model_path, MAX_MODEL_BYTES))
-    locations: list[str] = []
+    scan = ModelScan([], {})
     stack: list[tuple[memoryview, str, int]] = [(data, "ModelProto", 0)]
     while stack:
         message, kind, depth = stack.pop()
         if depth > _MAX_DEPTH:
             raise OnnxModelError(f"{model_path} nests subgraphs more than {_MAX_DEPTH} deep; refusing to load it.")
         nested = _SCHEMA.get(kind, {})
+        tensor: dict[int, list[Any]] = {}
         for number, wire, value in _fields(message, model_path):
-            if kind == "StringStringEntryProto":
-                continue
+            if kind == "TensorProto" and number in (2, 4, 8, 9):
+                tensor.setdefault(number, []).append(value)
             if wire == 2 and number in nested:
                 if nested[number] == "StringStringEntryProto":
                     entry = {n: bytes(v) for n, w, v in _fields(value, model_path) if w == 2}
                     if entry.get(1) == b"location":
-                        locations.append(entry.get(2, b"").decode("utf-8", errors="replace"))
+                        scan.locations.append(entry.get(2, b"").decode("utf-8", errors="replace"))
                 else:
                     stack.append((value, nested[number], depth + 1))
-    return locations
+        if kind == "TensorProto":
+            count = _nonfinite_count(tensor)
+            if count:
+                name = bytes(tensor.get(8, [b"?"])[-1]).decode("utf-8", errors="replace")
+                scan.nonfinite[name] = scan.nonfinite.get(name, 0) + count
+    return scan
 
 
-def check_external_data(model_path: Path, folder: Path) -> None:
+def external_data_locations(model_path: Path) -> list[str]:
+    """Every external data `location` in the ONNX model `model_path` (see [`scan_model`])."""
+    return scan_model(model_path).locations
+
+
+def check_model_file(model_path: Path, folder: Path) -> None:
     """Refuse a model whose weights are kept in an external data file that is not a regular file inside the
-    export folder (outside it, absolute, reached through a link, or a device)."""
-    for location in external_data_locations(model_path):
+    export folder (outside it, absolute, reached through a link, or a device), or whose weights held in the model
+    are not all finite (naming them)."""
+    scan = scan_model(model_path)
+    for location in scan.locations:
         try:
             regular_file(folder, location, what="the external data file")
         except (UntrustedInputError, FileNotFoundError) as error:
@@ -228,3 +266,11 @@ def check_external_data(model_path: Path, folder: Path) -> None:
                 f"export folder {folder} or is not a regular file there ({error}); refusing to load it. "
                 "Re-export with `ddpm export`."
             ) from None
+    if scan.nonfinite:
+        names = ", ".join(f"{name} ({count:,})" for name, count in list(scan.nonfinite.items())[:5])
+        raise OnnxModelError(
+            f"{model_path} holds {sum(scan.nonfinite.values()):,} non-finite weights (NaN or infinity) in "
+            f"{len(scan.nonfinite)} tensors: {names}{', ...' if len(scan.nonfinite) > 5 else ''}; it cannot be sampled "
+            "(its training diverged)."
+        )
+

@@ -35,7 +35,6 @@ from .numpy_sampler import ddim_sigma, ddim_step_function, ddpm_step_function, i
 from .onnx_folder import (
     FORMAT_VERSION,
     OnnxModelError,
-    check_external_data,
     model_file_in,
     open_export_folder,
     resolve_export_folder,
@@ -44,7 +43,7 @@ from .providers import CUDA, ProviderSpec, resolve_providers, session_options
 
 __all__ = [
     "FORMAT_VERSION", "BoundUNet", "OnnxDDPMPipeline", "OnnxModelError", "OnnxPipelineOutput", "OnnxProgressiveOutput",
-    "check_external_data", "ddim_sigma", "inference_timesteps", "model_file_in", "resolve_export_folder", "respace",
+    "ddim_sigma", "inference_timesteps", "model_file_in", "resolve_export_folder", "respace",
 ]
 
 MAX_BOUND_BATCH_SIZES = 8  # buffers kept bound for this many batch sizes

@@ -37,7 +37,7 @@ def test_sample_rejects_bad_steps_and_missing_models(tiny_pipeline_dir, tmp_path
     assert main(["sample", "--model", str(tiny_pipeline_dir), "--steps", "1001", "--output", str(tmp_path / "x.png")]) == 2
     assert "num_inference_steps" in capsys.readouterr().err
     assert main(["sample", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 2
-    assert "model_index.json" in capsys.readouterr().err
+    assert "missing: no such folder; give a pipeline folder, a `ddpm train` run folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -45,9 +45,7 @@ def test_sample_rejects_bad_steps_and_missing_models(tiny_pipeline_dir, tmp_path
     (["--output", "{tmp}"], "is a folder"),
     (["--output", "{tmp}/grid.txt"], "unknown picture type '.txt'"),
     (["--output", "{tmp}/grid"], "unknown picture type '(none)'"),
-    (["--scale", "0"], "--scale must be a positive integer"),
     (["--eta", "-0.5", "--scheduler", "ddim"], "--eta must be a finite number >= 0"),
-    (["--eta", "nan", "--scheduler", "ddim"], "--eta must be a finite number >= 0"),
     (["--eta", "0.5"], "the DDPM sampler has none"),
     (["--seed", "-1"], "--seed must be in 0.."),
     (["--seed", str(2**64)], "--seed must be in 0.."),

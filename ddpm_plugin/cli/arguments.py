@@ -4,6 +4,7 @@ message that names the flag (`ddpm demo: error: argument --port: must be a whole
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, Callable
 
 MAX_PORT = 65535
@@ -23,6 +24,17 @@ def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (`inf`, `-inf` and `nan` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def checked(check: Callable[[str], Any]) -> Callable[[str], str]:

@@ -12,7 +12,7 @@ from ddpm_plugin.export.quantize import (
     Int8Settings,
 )
 
-from .arguments import whole_number
+from .arguments import finite_float, whole_number
 
 
 def layer_groups(text: str) -> tuple[str, ...]:
@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     precision.add_argument("--fp16", action="store_true",
                            help="float16 weights for GPUs (float32 inputs/outputs); slower than float32 on CPU")
     precision.add_argument("--quantize", choices=("int8",), default=None, help="static int8 quantization for CPUs")
-    parser.add_argument("--tolerance", type=float, default=None, help="max abs error allowed against PyTorch")
+    parser.add_argument("--tolerance", type=finite_float, default=None, help="max abs error allowed against PyTorch")
     parser.add_argument("--calibration-data", default=None,
                         help="int8: training images to calibrate on (a `ddpm train --dataset` value; default: the "
                         "dataset in the model's training_config.json)")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from ddpm_plugin.sampling import MAX_SEED
 from ddpm_plugin.vocabulary import BACKENDS, SAMPLERS
+
+from .arguments import finite_float, whole_number
+
+MAX_SCALE = 32  # the grid's upscaling: 8x8 digits become 256-pixel tiles
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,25 +26,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="denoising steps (1..1000)")
     parser.add_argument("--seed", type=int, default=0, help=f"random seed (0..{MAX_SEED})")
     parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm", help="sampler")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
+    parser.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
     parser.add_argument("--backend", choices=BACKENDS,
                         help="onnxruntime (the default when the model folder carries an onnx/ export) or pytorch")
     outputs = parser.add_mutually_exclusive_group()
     outputs.add_argument("--output", help="picture of the grid to write (default: grid.png)")
     outputs.add_argument("--output-dir", help="folder of .npz shards and manifest.json (resumes a run there)")
-    parser.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid")
+    parser.add_argument("--scale", type=whole_number(1, MAX_SCALE), default=4,
+                        help=f"nearest-neighbour upscaling of the grid, 1..{MAX_SCALE}")
     parser.set_defaults(func=run)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Every flag checked before any model is loaded, so a mistake costs nothing."""
-    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size), ("--steps", args.steps),
-                        ("--scale", args.scale)):
+    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}.")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}.")
-    if not math.isfinite(args.eta) or args.eta < 0:
+    if args.eta < 0:
         raise ValueError(f"--eta must be a finite number >= 0, got {args.eta}.")
     if args.eta != 0 and args.scheduler == "ddpm":
         raise ValueError(f"--eta {args.eta} is DDIM's stochasticity; the DDPM sampler has none: add --scheduler ddim or drop --eta.")

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import Field, fields
 from typing import TYPE_CHECKING, Iterator
 
+from .arguments import finite_float
+
 if TYPE_CHECKING:
     from ddpm_plugin.training_config import ConfigError, TrainingConfig
 
@@ -42,7 +44,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(base) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(base), default=field.default, help=text)
         else:
-            parser.add_argument(flag, type=base, default=field.default, help=text)
+            parser.add_argument(flag, type=finite_float if base is float else base, default=field.default, help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> "TrainingConfig":
