@@ -7,7 +7,12 @@ import argparse
 import math
 from typing import Any, Callable
 
+from ddpm_plugin.bundled import BUNDLED_MODELS, DEFAULT_MODEL_NAME
+
 MAX_PORT = 65535
+# The help of every subcommand's --model, with the default the code uses (`bundled.resolve_model(None)`).
+MODEL_HELP = (f"a pipeline folder, a `ddpm train` run folder, an ONNX export folder or a bundled model "
+              f"({', '.join(BUNDLED_MODELS)}) (default: the bundled {DEFAULT_MODEL_NAME} model)")
 
 
 def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:

@@ -6,13 +6,13 @@ import argparse
 
 from ddpm_plugin.demo.backends import CONCURRENCY_LIMIT, MAX_IMAGES, QUEUE_SIZE
 
-from .arguments import port, positive
+from .arguments import MODEL_HELP, port, positive
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="serve the interactive Gradio demo in a browser")
-    parser.add_argument("--model", action="append", metavar="DIR",
-                        help="pipeline folder to offer; repeat for several (default: the bundled digits model)")
+    parser.add_argument("--model", action="append", metavar="MODEL",
+                        help=f"model to offer, {MODEL_HELP}; repeat for several")
     parser.add_argument("--host", default=None,
                         help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=port, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_plugin.demo.app import launch
 
     launch(
-        args.model or [resolve_model(None)], host=args.host, port=args.port, max_images=args.max_images,
+        [resolve_model(model) for model in args.model or [None]], host=args.host, port=args.port, max_images=args.max_images,
         concurrency=args.concurrency, queue_size=args.queue_size, num_threads=args.threads, onnx=not args.no_onnx,
     )
     return 0

@@ -6,6 +6,8 @@ import argparse
 
 from ddpm_plugin.vocabulary import SAMPLERS
 
+from .arguments import MODEL_HELP
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -13,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Measure a pipeline as the paper does and write a JSON report (top-level bits_per_dim, fid, "
                     "inception_score) and PNG figures beside it.",
     )
-    parser.add_argument("--model", help="pipeline folder (default: the model of --samples, else the bundled MNIST model)")
+    parser.add_argument("--model", help=MODEL_HELP.replace("(default: ", "(default: the model of --samples, else "))
     parser.add_argument("--samples", help="a `ddpm sample --output-dir` folder: FID/IS score its images instead of sampling")
     parser.add_argument("--fid-stats", help="FID reference statistics (.npz of mu and sigma): read when the file exists, "
                                             "else computed from --dataset and saved there")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_plugin.bundled import resolve_model
     from ddpm_plugin.evaluation import EvaluationConfig, evaluate, summary_table
 
-    model = args.model if args.model or args.samples else resolve_model(None)
+    model = None if args.samples and not args.model else resolve_model(args.model)
     config = EvaluationConfig(
         model=None if model is None else str(model), samples=args.samples, fid_stats=args.fid_stats, dataset=args.dataset,
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), num_images=args.num_images,

@@ -12,7 +12,7 @@ from ddpm_plugin.export.quantize import (
     Int8Settings,
 )
 
-from .arguments import finite_float, whole_number
+from .arguments import MODEL_HELP, finite_float, whole_number
 
 
 def layer_groups(text: str) -> tuple[str, ...]:
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "float32 graph is quantized (static QDQ, per-channel int8 weights), calibrated on x_t of real training "
         "images across the whole t range, and refused if its eps error rises beyond --quality-budget.",
     )
-    parser.add_argument("--model", help="pipeline folder (default: the bundled digits model)")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--output", required=True, help="folder to write the export to")
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                         help="torch.onnx.export(dynamo=True) (needs onnxscript), or the deprecated TorchScript exporter")

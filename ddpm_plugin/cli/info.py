@@ -15,18 +15,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ddpm_plugin.presets import PRESETS, PaperUNet2DModel
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
+
+def run(args: argparse.Namespace) -> int:
+    from ddpm_plugin.presets import PRESETS
+
+    count_parameters = not args.no_count and torch_available()
     print("| preset | image | parameters | variance | lr | batch | warmup | EMA | dropout | flips |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---|")
     for name, preset in PRESETS.items():
-        count = preset.num_parameters if args.no_count else PaperUNet2DModel.from_preset(name).num_parameters()
+        if count_parameters:
+            from ddpm_plugin.presets import PaperUNet2DModel
+
+            count = PaperUNet2DModel.from_preset(name).num_parameters()
+        else:
+            count = preset.num_parameters
         print(
             f"| {name} | {preset.image_size}x{preset.image_size}x{preset.channels} | {count:,} | "
             f"{preset.variance_type} | {preset.learning_rate:g} | {preset.batch_size} | {preset.warmup_steps} | "
             f"{preset.ema_decay} | {preset.dropout} | {'yes' if preset.random_flip else 'no'} |"
         )
+    if not args.no_count and not count_parameters:
+        print("\nparameters: the presets' recorded counts (torch is not installed, so no network was built to count "
+              'them: pip install "ddpm-plugin[torch]")')
     print()
     for package in PACKAGES:
         try:

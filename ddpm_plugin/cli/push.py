@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import checked, positive
+from .arguments import MODEL_HELP, checked, positive
 
 
 def _grid(path: str) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the Hub-ready folder of a pipeline (loadable layout, pipeline code, ONNX export, sample "
         "grid, model card) and upload it in one commit. The token comes from HF_TOKEN or `hf auth login`.",
     )
-    parser.add_argument("--model", required=True, help="pipeline folder written by save_pretrained / ddpm train")
+    parser.add_argument("--model", required=True, help=MODEL_HELP.partition(" (default")[0])
     parser.add_argument("--repo-id", required=True, help="Hub repository, USER/NAME or ORG/NAME")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", help="branch to commit to (created from main if missing; default: main)")
@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
+    from ddpm_plugin.bundled import resolve_model
     from ddpm_plugin.hub import build_hub_folder, pipeline_files, push_folder, skipped_files, upload_plan
 
+    args.model = resolve_model(args.model)
     skipped = skipped_files(args.model, pipeline_files(args.model))
     if skipped:
         print(f"skipped (not part of the loadable pipeline): {', '.join(skipped)}")

@@ -8,7 +8,7 @@ from pathlib import Path
 from ddpm_plugin.sampling import MAX_SEED
 from ddpm_plugin.vocabulary import BACKENDS, SAMPLERS
 
-from .arguments import finite_float, whole_number
+from .arguments import MODEL_HELP, finite_float, whole_number
 
 MAX_SCALE = 32  # the grid's upscaling: 8x8 digits become 256-pixel tiles
 
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(--output-dir; run it under `accelerate launch -m ddpm_plugin.cli sample ...` to use several "
                     "processes). Image i depends only on --seed and i.",
     )
-    parser.add_argument("--model", help="pipeline folder (default: the bundled MNIST model)")
+    parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--num-images", type=int, default=16, help="number of images")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (and per shard)")
     parser.add_argument("--steps", type=int, default=1000, help="denoising steps (1..1000)")
