@@ -4,8 +4,11 @@ safetensors only, loads three ways, carries an ONNX export made from its very we
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +19,44 @@ from ddpm_plugin.bundled import BUNDLED_MODEL, BUNDLED_MODELS, DIGITS_MODEL, MNI
 CONFIDENT = 0.9  # a sample counts as a recognisable digit when the classifier gives one class this probability
 
 
+def pipeline_sources() -> dict[str, Path]:
+    """The files `DDPMPaperPipeline.save_pretrained` copies into a folder, by name."""
+    from diffusers.utils.dynamic_modules_utils import get_relative_import_files
+
+    from ddpm_plugin.pipelines import pipeline_ddpm_paper
+
+    files = [pipeline_ddpm_paper.__file__, *get_relative_import_files(pipeline_ddpm_paper.__file__)]
+    return {Path(file).name: Path(file) for file in files}
+
+
+@pytest.mark.parametrize("folder", BUNDLED_MODELS.values(), ids=BUNDLED_MODELS)
+def test_bundled_models_load_as_remote_code_offline(folder, tmp_path):
+    """The third way: `custom_pipeline="pipeline_ddpm_paper"` finds the code in the folder, with no Hub access."""
+    code = textwrap.dedent(f"""
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, custom_pipeline="pipeline_ddpm_paper",
+                                                 trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        print(type(pipe).__name__, pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape)
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    size = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]
+    assert f"DDPMPaperPipeline (1, {size}, {size}, 1)" in result.stdout
+
+
 @pytest.mark.parametrize("folder", BUNDLED_MODELS.values(), ids=BUNDLED_MODELS)
 def test_bundled_models_are_small_safetensors_with_stock_classes(folder):
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 20_000_000  # weights and ONNX export together
     weights = [p.relative_to(folder).as_posix() for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".ckpt", ".pkl")]
     assert weights == ["unet/diffusion_pytorch_model.safetensors"]  # EMA weights only
-    assert not [p for p in files if p.suffix == ".py"]  # loaded by the installed package, never as remote code
+    # The pipeline's code, as `save_pretrained` writes it, for `custom_pipeline=`: exactly the package's sources.
+    sources = pipeline_sources()
+    assert sorted(p.name for p in files if p.suffix == ".py") == sorted(sources)
+    assert all((folder / name).read_bytes() == path.read_bytes() for name, path in sources.items())
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
     onnx = json.loads((folder / "onnx" / "ddpm_onnx.json").read_text())
