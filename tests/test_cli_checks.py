@@ -99,3 +99,22 @@ def test_a_schedule_of_300_million_timesteps_is_refused_naming_the_field(tiny_pi
                  str(tmp_path / "grid.png")])
     error = capsys.readouterr().err
     assert code == 2 and "`num_train_timesteps` 300000000 needs" in error, error
+
+
+def test_a_refused_export_prints_one_message_without_a_traceback(tmp_path, capsys):
+    from ddpm_plugin.bundled import DIGITS_MODEL
+
+    code = main(["export", "--model", str(DIGITS_MODEL / "onnx"), "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2 and "is not a pipeline folder" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_export_folder_prints_one_message(tmp_path, capsys):
+    from ddpm_plugin.bundled import DIGITS_MODEL
+
+    folder = Path(shutil.copytree(DIGITS_MODEL / "onnx", tmp_path / "onnx"))
+    (folder / "ddpm_onnx.json").write_text("[1, 2]")
+    code = main(["sample", "--model", str(folder), "--output", str(tmp_path / "grid.png")])
+    error = capsys.readouterr().err
+    assert code == 2 and "ddpm_onnx.json must hold a JSON object, got list" in error

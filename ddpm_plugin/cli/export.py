@@ -83,8 +83,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--calibration-data, --keep-float, --quality-budget, --calibration-inputs and "
                          "--float32-below-t only apply with --quantize int8.")
     quantize = Int8Settings(**int8_flags) if args.quantize == "int8" else None
-    report = export_onnx(resolve_model(args.model), args.output, opset=args.opset, fp16=args.fp16,
-                         exporter=args.exporter, tolerance=args.tolerance, quantize=quantize)
+    model = resolve_model(args.model)
+    try:
+        report = export_onnx(model, args.output, opset=args.opset, fp16=args.fp16, exporter=args.exporter,
+                             tolerance=args.tolerance, quantize=quantize)
+    except RuntimeError as error:  # the exporter's and onnxruntime's own failures: a message, not a traceback
+        raise ValueError(f"the export of {model} failed ({type(error).__name__}): {error}") from None
     print(
         f"wrote {report.model_path} ({report.precision}, {report.exporter} exporter, opset {report.opset}, "
         f"preset {report.preset}); "
