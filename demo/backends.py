@@ -26,6 +26,7 @@ from PIL import Image
 
 from ddpm_plugin.images import SnapshotRecorder, evenly_spaced_steps, make_grid, snapshot_grid, to_uint8
 from ddpm_plugin.sampling import load_pipeline, with_scheduler
+from ddpm_plugin.trust import check_no_links
 from ddpm_plugin.vocabulary import (
     BACKENDS,
     ONNX_METADATA_FILE,
@@ -151,7 +152,8 @@ class DemoModel:
 
     Args:
         name (`str`): The name the page shows.
-        folder (`Path`): The pipeline folder (`model_index.json`, `unet/`, `scheduler/`, optionally `onnx/`).
+        folder (`Path`): The pipeline folder (`model_index.json`, `unet/`, `scheduler/`, optionally `onnx/`); a
+            link or special file anywhere in it is refused (`UntrustedInputError`) before anything is read.
         num_threads (`int`, *optional*): Intra-op threads of each ONNX Runtime session.
         onnx (`bool`, defaults to `True`): Load (and, when `folder/onnx` is missing, export) the ONNX network.
         concurrency (`int`, defaults to 1): Requests that may sample at once: one ONNX Runtime pipeline each,
@@ -161,6 +163,7 @@ class DemoModel:
     def __init__(
         self, name: str, folder: Path, num_threads: int | None = None, onnx: bool = True, concurrency: int = 1
     ):
+        check_no_links(folder)  # before anything reads it: a link or a device would be followed or read forever
         self.name, self.folder = name, folder
         self.torch_pipeline = load_pipeline(folder)
         config = self.torch_pipeline.scheduler.config

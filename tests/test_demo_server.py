@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import pytest
 from PIL import Image
 
 import demo_attacks as attacks
-from ddpm_plugin.bundled import BUNDLED_MODEL
+from ddpm_plugin.bundled import BUNDLED_MODEL, DIGITS_MODEL
 from ddpm_plugin.demo.backends import GALLERY_PIXELS, display_scale
 from ddpm_plugin.demo.uploads import NOT_AN_UPLOAD
 
@@ -343,6 +344,39 @@ def test_a_restarted_server_serves_nothing_of_the_earlier_run(tiny_pipeline_dir,
         assert httpx.get(f"{url}/gradio_api/file={path}").status_code == 403
     finally:
         stop_server(process)
+
+
+def capped_memory(limit: int = 8 * 2**30):
+    """A `preexec_fn` capping the child's address space: a regression that reads a device cannot take the machine."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+@pytest.mark.parametrize("case", ["unet/notes.txt -> /dev/zero", "unet/extra.bin is a FIFO",
+                                  "onnx/diffusion_coefficients.json -> a server file"])
+def test_a_link_or_special_file_in_a_served_model_folder_stops_the_demo_at_start_up(
+    tiny_pipeline_dir, tmp_path, free_port, case
+):
+    """Refused with one line before anything is read or served (the link to /dev/zero was read until
+    MemoryError while hashing the folder for its ONNX export)."""
+    folder = tmp_path / "model"
+    shutil.copytree(DIGITS_MODEL if case.startswith("onnx/") else tiny_pipeline_dir, folder)
+    name = case.split()[0]
+    if case.endswith("FIFO"):
+        os.mkfifo(folder / name)
+    else:
+        secret = tmp_path / "secret.json"
+        secret.write_text("{}")
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to("/dev/zero" if "/dev/zero" in case else secret)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_OFFLINE": "1"}
+    command = [str(Path(sys.executable).with_name("ddpm")), "demo", "--model", str(folder), "--host", "127.0.0.1",
+               "--port", str(free_port()), "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, preexec_fn=capped_memory())
+    kind = "is not a regular file (a device, FIFO or socket)" if case.endswith("FIFO") else "is a link"
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == f"ddpm demo: error: {folder / name} {kind}; only regular files are read."
+    assert "Traceback" not in done.stderr
 
 
 # --- Load: 40 concurrent clients, a third of them hostile. ---
