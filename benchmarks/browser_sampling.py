@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,10 +41,12 @@ import numpy as np
 
 from ddpm_plugin.bundled import resolve_model
 from ddpm_plugin.demo.web import site
-from ddpm_plugin.demo.web.testing import ReplayedNoise, browser_sample, launch_chromium
 from ddpm_plugin.export.coefficients import write_coefficients
 from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline, resolve_export_folder
 from ddpm_plugin.vocabulary import ONNX_METADATA_FILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the browser helpers are test code
+from browser_helpers import ReplayedNoise, browser_sample, launch_chromium  # noqa: E402
 
 THREADS = (1, 2)
 QUALITY_SAMPLES = 64  # images per variant for the quality columns

@@ -18,6 +18,7 @@ summary), `/interpolate` (model, image_a, image_b, timestep, num_lambdas, seed) 
 from __future__ import annotations
 
 import os
+import argparse
 import inspect
 import random
 import shutil
@@ -34,7 +35,6 @@ import gradio as gr
 from PIL import Image
 from starlette.middleware import Middleware
 
-from ddpm_plugin.cli.arguments import MAX_PORT
 from ddpm_plugin.demo.backends import (
     CONCURRENCY_LIMIT,
     MAX_IMAGES,
@@ -48,6 +48,7 @@ from ddpm_plugin.demo.backends import (
     interpolation_picture,
     progression_picture,
 )
+from ddpm_plugin.demo.options import MAX_PORT
 from ddpm_plugin.demo.uploads import MAX_FILE_SIZE, UploadGuard, UploadStore, picture_path
 from ddpm_plugin.demo.web.site import WEB_PATH, mount_page
 from ddpm_plugin.vocabulary import PAPER_VARIANCE_TYPES, SAMPLERS
@@ -392,10 +393,17 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python app.py [flags]`: the same flags as `ddpm demo`."""
-    from ddpm_plugin.cli import main as ddpm_main
+    """`python app.py [flags]`: the same flags as `ddpm demo`; a refused model or value prints one line."""
+    from ddpm_plugin.bundled import BUNDLED_MODELS, DEFAULT_MODEL_NAME
+    from ddpm_plugin.demo.options import add_arguments, run
 
-    return ddpm_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="app.py", description="Serve the DDPM demo.")
+    model_help = f"a pipeline folder or a bundled model ({', '.join(BUNDLED_MODELS)}) (default: {DEFAULT_MODEL_NAME})"
+    args = add_arguments(parser, model_help).parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"app.py: error: {error}\n")
 
 
 if __name__ == "__main__":

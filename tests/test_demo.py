@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -227,11 +229,37 @@ def test_cli_demo_takes_repeated_models_and_an_address():
 
 
 @pytest.mark.slow
-def test_app_runs_as_a_space_script():
-    result = subprocess.run([sys.executable, str(REPO / "demo" / "app.py"), "--help"], capture_output=True,
-                            text=True, timeout=120, cwd=REPO / "demo")
+def test_app_runs_as_a_space_script_without_the_cli():
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['app.py', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_path('app.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code, sorted(m for m in sys.modules if m.startswith('ddpm_plugin.cli')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=REPO / "demo")
     assert result.returncode == 0, result.stderr
-    assert "--max-images" in result.stdout
+    assert "--max-images" in result.stdout and result.stdout.strip().endswith("exit 0 []")
+    refused = subprocess.run([sys.executable, "-c", script, "--port", "70000"], capture_output=True, text=True,
+                             timeout=120, cwd=REPO / "demo")
+    assert "app.py: error: argument --port: must be a whole number in 0..65535, got '70000'" in refused.stderr
+    assert refused.stdout.strip() == "exit 2 []"
+
+
+def test_the_demo_imports_no_cli_module_and_ships_no_test_helpers():
+    """The dependencies run cli -> demo: no module of the demo imports `ddpm_plugin.cli` (at the top or inside a
+    function), and the browser test helpers live under tests/, outside the wheel."""
+    for path in (REPO / "demo").rglob("*.py"):
+        if "node_modules" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(name.startswith("ddpm_plugin.cli") for name in names), (path, names)
+    assert importlib.util.find_spec("ddpm_plugin.demo.web.testing") is None
+    assert not (REPO / "demo" / "web" / "testing.py").exists()
 
 
 def test_the_page_says_what_a_model_was_trained_on_for_how_long_and_what_was_measured(tmp_path, tiny_pipeline_dir):

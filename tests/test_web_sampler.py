@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser_helpers import ReplayedNoise, browser_replay_eps, browser_sample, launch_chromium
 
 from ddpm_plugin.bundled import DIGITS_MODEL, MNIST_MODEL
 from ddpm_plugin.demo.backends import MAX_IMAGES, MAX_SEED
 from ddpm_plugin.demo.web import site
-from ddpm_plugin.demo.web.testing import ReplayedNoise, browser_replay_eps, browser_sample, launch_chromium
 from ddpm_plugin.export.coefficients import ARRAYS, COEFFICIENTS_FILE, write_coefficients
 from ddpm_plugin.export.onnx_pipeline import BoundUNet, OnnxDDPMPipeline, OnnxModelError, inference_timesteps
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion

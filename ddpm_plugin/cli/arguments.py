@@ -8,27 +8,10 @@ import math
 from typing import Any, Callable
 
 from ddpm_plugin.bundled import BUNDLED_MODELS, DEFAULT_MODEL_NAME
-
-MAX_PORT = 65535
+from ddpm_plugin.demo.options import whole_number  # defined beside the demo's flags: the demo imports no CLI module
 # The help of every subcommand's --model, with the default the code uses (`bundled.resolve_model(None)`).
 MODEL_HELP = (f"a pipeline folder, a `ddpm train` run folder, an ONNX export folder or a bundled model "
               f"({', '.join(BUNDLED_MODELS)}) (default: the bundled {DEFAULT_MODEL_NAME} model)")
-
-
-def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an int in `low..high` (no upper bound when `high` is None)."""
-    allowed = f"in {low}..{high}" if high is not None else f">= {low}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be a whole number {allowed}, got {text!r}")
-        return value
-
-    return parse
 
 
 def finite_float(text: str) -> float:
@@ -56,5 +39,4 @@ def checked(check: Callable[[str], Any]) -> Callable[[str], str]:
     return parse
 
 
-port = whole_number(0, MAX_PORT)
 positive = whole_number(1)

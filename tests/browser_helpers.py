@@ -1,5 +1,5 @@
-"""Helpers shared by the browser sampler's tests and benchmark: headless Debian Chromium, the page-level JS API
-(`window.ddpm.sample`) and the same noise handed to the Python sampler.
+"""Helpers shared by the browser sampler's tests and benchmark (test code, kept out of the package): headless
+Debian Chromium, the page-level JS API (`window.ddpm.sample`) and the same noise handed to the Python sampler.
 
 Chromium is Debian's package driven by Playwright (no `playwright install`, which downloads a browser).
 """
