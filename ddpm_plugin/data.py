@@ -1,5 +1,10 @@
-"""Training images: scikit-learn's digits, a folder of images, an `.npz` with an `images` array, or a Hugging Face
-`datasets` name or local path.
+"""Training images: scikit-learn's digits, MNIST, a folder of images, an `.npz` with an `images` array, or a Hugging
+Face `datasets` name or local path.
+
+The two named data sets have a training and a test split: MNIST its own, digits a fixed held-out fifth
+(`digits_split`) that training never sees and bits/dim is measured on. MNIST is read from `$DDPM_MNIST_DIR` (the
+`.npz` files `mnist_train.npz`/`mnist_test.npz`, or MNIST's IDX files), else from the IDX files torchvision and
+others leave on disk, else from Hugging Face `datasets` (`ylecun/mnist`, the `[datasets]` extra).
 
 Every source yields uint8 tensors `[C, H, W]`; `pipelines.diffusion_ops.to_model_range` maps them to [-1, 1] as
 x / 127.5 - 1 (the official code's scaling). Every image is decoded once before training starts, and a bad item
@@ -9,19 +14,35 @@ should a file change under a running job, the error it raises (`DataError`) stil
 
 from __future__ import annotations
 
+import gzip
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+
+from .trust import UntrustedInputError, check_allocation, load_npz, regular_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "picture")
 # PIL modes we accept, and the channel count each gives ("P" palettes are expanded to RGB).
 MODE_CHANNELS = {"1": 1, "L": 1, "P": 3, "RGB": 3}
 SKIPPED_SHOWN = 5  # skipped file names listed in the warning
+
+Split = Literal["train", "test"]
+SPLITS: tuple[Split, ...] = ("train", "test")
+DIGITS_TEST_FRACTION = 0.2  # the held-out part of scikit-learn's digits
+DIGITS_SPLIT_SEED = 0  # legacy `RandomState`, whose stream NumPy keeps fixed across releases
+MNIST_DIR_ENV = "DDPM_MNIST_DIR"
+MNIST_HF_NAME = "ylecun/mnist"
+MNIST_NPZ = {"train": "mnist_train.npz", "test": "mnist_test.npz"}
+MNIST_IDX = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+# Where torchvision (`MNIST(root)`, `root` usually ./data) and others leave MNIST's IDX files.
+MNIST_IDX_FOLDERS = ("data/MNIST/raw", "~/data/MNIST/raw", "~/.torch/datasets/MNIST/raw", "~/.cache/torchvision/MNIST/raw",
+                     "~/.pytorch/MNIST/raw")
+IDX_UBYTE_3D = 0x00000803  # IDX magic: unsigned bytes, 3 dimensions
 
 
 class DataError(ValueError):
@@ -88,34 +109,38 @@ class HFImageDataset:
             raise DataError(f"{self.source} row {index}: unreadable image ({error}).") from error
 
 
-def load_image_dataset(dataset: str, image_size: int, channels: int) -> ImageDataset:
-    """The training images named by `dataset`, checked against the preset's `image_size` and `channels`.
+def load_image_dataset(dataset: str, image_size: int, channels: int, split: Split = "train") -> ImageDataset:
+    """The images named by `dataset`, checked against the preset's `image_size` and `channels`.
 
     Args:
         dataset (`str`):
-            `"digits"` (scikit-learn's bundled 8x8 digits, 0..16 scaled to 0..255), `"mnist"` (the `.npz` files
-            in `$DDPM_MNIST_DIR`, default `../shared/data/mnist`), a folder of images, an `.npz` file with a
-            uint8 `images` array (`[N, H, W]` or `[N, H, W, C]`), or a Hugging Face `datasets` name or local
-            dataset path (the image column is found automatically).
+            `"digits"` (scikit-learn's bundled 8x8 digits, 0..16 scaled to 0..255), `"mnist"` (see the module
+            docstring for where it is found), a folder of images, an `.npz` file with a uint8 `images` array
+            (`[N, H, W]` or `[N, H, W, C]`), or a Hugging Face `datasets` name or local dataset path (the image
+            column is found automatically).
         image_size (`int`):
             Side of the square images the model takes. Images smaller by an even margin (MNIST's 28 for 32)
             are zero-padded around; other sizes are an error.
         channels (`int`):
             1 (grayscale) or 3 (RGB).
+        split (`str`, *optional*, defaults to `"train"`):
+            `"train"` or `"test"` of digits and MNIST (digits: the fixed held-out fifth); other sources are
+            used whole.
 
     Raises:
         `DataError` (a `ValueError`) or `FileNotFoundError` naming the offending file or row: an empty folder,
         an unreadable file, a wrong channel count, mixed or wrong sizes. Files in a folder that are not images
         are skipped with a warning naming them.
     """
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {list(SPLITS)}, got {split!r}.")
     if dataset == "digits":
         from sklearn.datasets import load_digits
 
         images = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)  # [N, 8, 8], 0..16 -> 0..255
-        return _array_dataset(images, "sklearn digits", image_size, channels)
+        return _array_dataset(images[digits_split(split)], f"sklearn digits ({split})", image_size, channels)
     if dataset == "mnist":
-        folder = Path(os.environ.get("DDPM_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
-        return load_image_dataset(str(folder / "mnist_train.npz"), image_size, channels)
+        return _mnist_dataset(split, image_size, channels)
     path = Path(dataset)
     if path.suffix == ".npz":
         return _npz_dataset(path, image_size, channels)
@@ -124,11 +149,88 @@ def load_image_dataset(dataset: str, image_size: int, channels: int) -> ImageDat
     return _hf_dataset(dataset, image_size, channels)
 
 
-def dataset_images(dataset: str, image_shape: tuple[int, int, int], num_images: int | None, seed: int) -> tuple[np.ndarray, int]:
-    """`num_images` uint8 NHWC images of `dataset` drawn without replacement with `seed` (all, in order, when None),
-    zero-padded to the model's (channels, height, width) as in training, and the size of the whole data set."""
+def digits_split(split: Split) -> np.ndarray:
+    """The sorted indices of scikit-learn's digits in `split`: a fixed random fifth is held out as `"test"`."""
+    from sklearn.datasets import load_digits
+
+    num_images = len(load_digits().images)
+    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(num_images)
+    num_test = round(num_images * DIGITS_TEST_FRACTION)
+    return np.sort(order[:num_test] if split == "test" else order[num_test:])
+
+
+def _mnist_dataset(split: Split, image_size: int, channels: int) -> TensorImageDataset:
+    """MNIST's `split` from the first place that has it (see the module docstring); one message naming every
+    way when none does."""
+    folder = os.environ.get(MNIST_DIR_ENV)
+    if folder:
+        npz = Path(folder) / MNIST_NPZ[split]
+        if npz.is_file():
+            return _npz_dataset(npz, image_size, channels)
+        idx = _idx_file(Path(folder), split)
+        if idx is None:
+            raise DataError(f"${MNIST_DIR_ENV}={folder} holds neither {MNIST_NPZ[split]} nor {MNIST_IDX[split]}(.gz).")
+        return _array_dataset(read_idx_images(idx), str(idx), image_size, channels)
+    for candidate in MNIST_IDX_FOLDERS:
+        idx = _idx_file(Path(candidate).expanduser(), split)
+        if idx is not None:
+            return _array_dataset(read_idx_images(idx), str(idx), image_size, channels)
+    try:
+        import datasets
+    except ImportError:
+        hub = f"`pip install ddpm-plugin[datasets]` to read {MNIST_HF_NAME} from the Hugging Face Hub"
+    else:
+        try:
+            loaded = datasets.load_dataset(MNIST_HF_NAME, split=split)
+        except Exception as error:
+            hub = f"{MNIST_HF_NAME} from the Hugging Face Hub failed ({str(error).strip().splitlines()[0]})"
+        else:
+            images = np.stack([np.asarray(row["image"], dtype=np.uint8) for row in loaded])
+            return _array_dataset(images, f"{MNIST_HF_NAME} ({split})", image_size, channels)
+    raise DataError(
+        f"MNIST ({split}) was not found. Set ${MNIST_DIR_ENV} to a folder holding {MNIST_NPZ[split]} or "
+        f"{MNIST_IDX[split]}(.gz); or leave the IDX files where torchvision puts them "
+        f"({', '.join(MNIST_IDX_FOLDERS)}); or {hub}."
+    )
+
+
+def _idx_file(folder: Path, split: Split) -> Path | None:
+    for name in (MNIST_IDX[split], MNIST_IDX[split] + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """uint8 images `[N, H, W]` from an IDX file (MNIST's format, gzipped or not): the header's magic and sizes
+    are checked before the pixels are read, and the file must hold exactly that many."""
+    path = regular_file(path.parent, path.name, what="the IDX file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            header = file.read(16)
+            if len(header) < 16 or int.from_bytes(header[:4], "big") != IDX_UBYTE_3D:
+                raise DataError(f"{path}: not an IDX file of images (the magic number must be 0x{IDX_UBYTE_3D:08x}).")
+            shape = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
+            size = int(np.prod(shape, dtype=np.int64))
+            check_allocation(size, f"{path} ({shape[0]} images of {shape[1]}x{shape[2]})")
+            pixels = file.read(size + 1)
+    except (OSError, EOFError, UntrustedInputError) as error:
+        if isinstance(error, UntrustedInputError):
+            raise DataError(str(error)) from None
+        raise DataError(f"{path}: unreadable IDX file ({error}).") from None
+    if len(pixels) != size:
+        raise DataError(f"{path}: the header declares {shape[0]} images of {shape[1]}x{shape[2]} ({size} bytes), "
+                        f"the file holds {'more' if len(pixels) > size else len(pixels)} bytes.")
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
+
+
+def dataset_images(dataset: str, image_shape: tuple[int, int, int], num_images: int | None, seed: int,
+                   split: Split = "train") -> tuple[np.ndarray, int]:
+    """`num_images` uint8 NHWC images of `dataset`'s `split` drawn without replacement with `seed` (all, in order,
+    when None), zero-padded to the model's (channels, height, width) as in training, and the size of the split."""
     channels, height, _ = image_shape
-    images = load_image_dataset(dataset, height, channels)
+    images = load_image_dataset(dataset, height, channels, split)
     if num_images is None or num_images >= len(images):
         indices = torch.arange(len(images))
     else:
@@ -144,33 +246,43 @@ def _padding(height: int, width: int, image_size: int, source: str) -> int:
     return margin // 2
 
 
+def _check_array(shape: tuple[int, ...], dtype: np.dtype, source: str, image_size: int, channels: int) -> int:
+    """The padding of images of `shape` and `dtype` for the preset, or a `DataError` naming what does not fit."""
+    if dtype != np.uint8:
+        raise DataError(f"{source}: `images` must be uint8 pixels 0..255, got {dtype}.")
+    if len(shape) == 3:
+        shape = (*shape, 1)
+    if len(shape) != 4 or shape[0] == 0:
+        raise DataError(f"{source}: `images` must be a non-empty [N, H, W] or [N, H, W, C] array, got {shape}.")
+    if shape[-1] != channels:
+        raise DataError(f"{source}: images have {shape[-1]} channels, the preset needs {channels}.")
+    return _padding(shape[1], shape[2], image_size, source)
+
+
 def _array_dataset(images: np.ndarray, source: str, image_size: int, channels: int) -> TensorImageDataset:
-    if images.dtype != np.uint8:
-        raise DataError(f"{source}: `images` must be uint8 pixels 0..255, got {images.dtype}.")
+    pad = _check_array(images.shape, images.dtype, source, image_size, channels)
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or len(images) == 0:
-        raise DataError(f"{source}: `images` must be a non-empty [N, H, W] or [N, H, W, C] array, got {images.shape}.")
-    if images.shape[-1] != channels:
-        raise DataError(f"{source}: images have {images.shape[-1]} channels, the preset needs {channels}.")
-    pad = _padding(images.shape[1], images.shape[2], image_size, source)
     tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     tensor = torch.nn.functional.pad(tensor, (pad,) * 4).contiguous()
     return TensorImageDataset(tensor, source)
 
 
 def _npz_dataset(path: Path, image_size: int, channels: int) -> TensorImageDataset:
-    if not path.is_file():
+    """The `images` of an `.npz` file, whose `.npy` headers are checked against the preset before anything is
+    decompressed."""
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no such .npz file.")
+
+    def check(headers: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+        if "images" not in headers:
+            raise DataError(f"{path}: no `images` array (it has {sorted(headers)}).")
+        _check_array(*headers["images"], str(path), image_size, channels)
+
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "images" not in archive.files:
-                raise DataError(f"{path}: no `images` array (it has {archive.files}).")
-            images = archive["images"]
-    except DataError:
-        raise
-    except Exception as error:  # zipfile.BadZipFile, EOFError, OSError: a damaged archive
-        raise DataError(f"{path}: unreadable .npz file ({error}).") from error
+        images = load_npz(regular_file(path.parent, path.name, what="the .npz file"), check)["images"]
+    except UntrustedInputError as error:
+        raise DataError(str(error)) from None
     return _array_dataset(images, str(path), image_size, channels)
 
 

@@ -12,7 +12,6 @@ The report's top-level `bits_per_dim`, `fid` and `inception_score` are plain flo
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -33,8 +32,9 @@ from .figures import (
 )
 from .metrics import DEFAULT_NUM_SAMPLES, FidStatistics, ImageMetrics
 from .pipelines.pipeline_ddpm_paper import DDPMPaperPipeline, RateDistortionOutput
-from .sample_shards import iter_sample_batches, read_manifest
+from .sample_shards import SampleFolder, read_sample_folder
 from .sampling import ImageSampler, TorchImageSampler, with_scheduler
+from .trust import write_json
 from .vocabulary import Sampler
 
 EVALUATION_METRICS = ("bpd", "rd", "fid", "is")
@@ -42,6 +42,10 @@ EVALUATION_METRICS = ("bpd", "rd", "fid", "is")
 INTERPOLATION_TIMESTEPS = (0, 250, 500, 750, 999)
 RECONSTRUCTION_TIMESTEP = 500  # Fig. 7 shares x_t at t = 500 of 1000
 FIGURE_IMAGES = 4  # images per progression/reconstruction figure
+# Bits/dim on the test images (Table 2), FID against the training images (Table 1), as the paper; data sets
+# without splits (folders, .npz files) are used whole.
+BOUND_SPLIT = "test"
+FID_REFERENCE_SPLIT = "train"
 
 
 @dataclass
@@ -49,7 +53,9 @@ class EvaluationConfig:
     """What `evaluate` measures, on which data, and where it writes."""
 
     model: str | None = None  # pipeline folder (None: the model of `samples`)
-    dataset: str | None = None  # test images: an .npz, a folder, digits, mnist, a datasets name (see ddpm_plugin.data)
+    # An .npz, a folder, digits, mnist, a datasets name (see ddpm_plugin.data); of digits and mnist, the test split
+    # for bits/dim and the figures, the training split for FID's reference images.
+    dataset: str | None = None
     metrics: tuple[str, ...] = ("bpd", "rd")  # any of bpd, rd, fid, is
     num_images: int | None = None  # test images for bits/dim, drawn at random with `seed` (None: all)
     num_samples: int | None = None  # images for FID/IS (None: 50,000 as the paper, or all of `samples`); also the reference count
@@ -130,7 +136,7 @@ def reference_statistics(config: EvaluationConfig, metrics: ImageMetrics, image_
         statistics = FidStatistics.load(config.fid_stats)
         metrics.load_real_statistics(statistics)
         return statistics.num_images
-    reference, _ = dataset_images(config.dataset, image_shape, num_samples, config.seed)
+    reference, _ = dataset_images(config.dataset, image_shape, num_samples, config.seed, split=FID_REFERENCE_SPLIT)
     for start in tqdm(range(0, len(reference), config.batch_size), desc="reference images", unit="batch"):
         metrics.update_real(reference[start : start + config.batch_size])
     if config.fid_stats:
@@ -140,14 +146,15 @@ def reference_statistics(config: EvaluationConfig, metrics: ImageMetrics, image_
 
 
 def sample_quality_report(config: EvaluationConfig, metrics: ImageMetrics, pipe: DDPMPaperPipeline | None,
-                          manifest: dict[str, Any] | None) -> dict[str, Any]:
-    """FID against the data set and the Inception Score of the samples in `config.samples` (described by their
-    `manifest`), or of `num_samples` images drawn from `pipe` as `ddpm sample --backend pytorch` draws them."""
-    if manifest is not None:
-        run = manifest["run"]
-        num_samples = config.num_samples or run["num_images"]
+                          samples: SampleFolder | None) -> dict[str, Any]:
+    """FID against the data set and the Inception Score of the checked sample folder `samples`, or of
+    `num_samples` images drawn from `pipe` as `ddpm sample --backend pytorch` draws them. `num_samples` in the
+    report is the number of images scored."""
+    if samples is not None:
+        run = samples.manifest["run"]
+        num_samples = config.num_samples or samples.num_images
         height, width, channels = run["image_shape"]
-        image_shape, batches = (channels, height, width), iter_sample_batches(config.samples, num_samples)
+        image_shape, batches = (channels, height, width), samples.batches(num_samples)
         sampling = {"sampling_steps": run["num_inference_steps"], "sampler": run["scheduler"], "backend": run["backend"],
                     "samples": str(config.samples)}
     else:
@@ -156,9 +163,11 @@ def sample_quality_report(config: EvaluationConfig, metrics: ImageMetrics, pipe:
         image_shape, batches = sampler.image_shape, generate_samples(sampler, num_samples, config.batch_size)
         sampling = {"sampling_steps": config.num_inference_steps, "sampler": config.scheduler, "backend": "pytorch"}
     num_reference = reference_statistics(config, metrics, image_shape, num_samples) if "fid" in metrics.metrics else 0
-    for samples in batches:
-        metrics.update_fake(samples)
-    return {**metrics.compute(), "num_samples": num_samples, "num_reference_images": num_reference, **sampling}
+    scored = 0
+    for images in batches:
+        metrics.update_fake(images)
+        scored += len(images)
+    return {**metrics.compute(), "num_samples": scored, "num_reference_images": num_reference, **sampling}
 
 
 def write_figures(pipe: DDPMPaperPipeline, images: np.ndarray | None, config: EvaluationConfig, folder: Path) -> dict[str, str]:
@@ -198,8 +207,8 @@ def evaluate(
         names = tuple({"fid": "fid", "is": "inception_score"}[m] for m in config.metrics if m in ("fid", "is"))
         metrics = ImageMetrics(names, feature_extractor=feature_extractor, logits_extractor=logits_extractor,
                                inception_weights=config.inception_weights)
-    manifest = read_manifest(config.samples) if config.samples is not None else None
-    model = config.model or (manifest or {}).get("model")
+    samples = read_sample_folder(config.samples) if config.samples is not None else None
+    model = config.model or (samples.manifest["model"] if samples is not None else None)
     if pipe is None and ({"bpd", "rd"} & set(config.metrics) or config.figures or config.samples is None):
         pipe = load_pipeline(model)
     output = Path(config.output)
@@ -210,7 +219,9 @@ def evaluate(
     figures: dict[str, str] = {}
     images = None
     if config.dataset is not None and ({"bpd", "rd"} & set(config.metrics) or config.figures):
-        images, report["dataset_size"] = dataset_images(config.dataset, pipe.image_shape(1)[1:], config.num_images, config.seed)
+        images, report["dataset_size"] = dataset_images(config.dataset, pipe.image_shape(1)[1:], config.num_images,
+                                                        config.seed, split=BOUND_SPLIT)
+        report["dataset_split"] = BOUND_SPLIT
     if {"bpd", "rd"} & set(config.metrics):
         started = time.perf_counter()
         bound, curve = bound_report(pipe, images, config)
@@ -221,7 +232,7 @@ def evaluate(
             figures["rate_distortion"] = save_figure(plot_rate_distortion(curve), folder / "rate_distortion.png")
     if metrics is not None:
         started = time.perf_counter()
-        report.update(sample_quality_report(config, metrics, pipe, manifest))
+        report.update(sample_quality_report(config, metrics, pipe, samples))
         wall_time["fid_is"] = time.perf_counter() - started
     if config.figures:
         started = time.perf_counter()
@@ -230,7 +241,7 @@ def evaluate(
         wall_time["figures"] = time.perf_counter() - started
     report.update(figures=figures, wall_time_s=wall_time, config=asdict(config))
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(output, report)
     return report
 
 

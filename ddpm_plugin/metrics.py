@@ -25,20 +25,20 @@ Example:
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import numpy as np
 import torch
 
-from .trust import file_sha256
+from .trust import UntrustedInputError, file_sha256, load_npz, write_atomically
 
 # The paper's sample count for FID and IS (Table 1).
 DEFAULT_NUM_SAMPLES = 50_000
 INCEPTION_WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
 INCEPTION_WEIGHTS_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 METRICS = ("fid", "inception_score")
+FID_STATISTICS_ARRAYS = ("mu", "sigma", "num_images", "network")
 Metric = Literal["fid", "inception_score"]
 
 
@@ -133,22 +133,34 @@ class FidStatistics:
     network: str
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write an `.npz` with `mu`, `sigma`, `num_images` and `network` (no pickled objects)."""
-        with open(path, "wb") as file:  # an open file: np.savez would append ".npz" to a name without it
-            np.savez(file, mu=self.mu, sigma=self.sigma, num_images=np.int64(self.num_images), network=np.str_(self.network))
+        """Write an `.npz` with `mu`, `sigma`, `num_images` and `network` (no pickled objects), atomically."""
+        write_atomically(path, lambda file: np.savez(file, mu=self.mu, sigma=self.sigma,
+                                                     num_images=np.int64(self.num_images), network=np.str_(self.network)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FidStatistics":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                statistics = cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64),
-                                 int(data["num_images"]), str(data["network"]))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-            raise ValueError(f"{path} is not an FID statistics file (.npz of mu, sigma, num_images, network): {error}") from None
-        dim = statistics.mu.shape[0] if statistics.mu.ndim == 1 else -1
-        if statistics.sigma.shape != (dim, dim):
-            raise ValueError(f"{path}: mu {statistics.mu.shape} and sigma {statistics.sigma.shape} do not fit together.")
-        return statistics
+        """The statistics in `path`, whose `.npy` headers are checked (names, shapes, dtypes, size) before anything
+        is decompressed; `ValueError` naming the file and what is wrong."""
+
+        def check(headers: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+            missing = [name for name in FID_STATISTICS_ARRAYS if name not in headers]
+            if missing:
+                raise UntrustedInputError(f"{path} is not an FID statistics file (.npz of {', '.join(FID_STATISTICS_ARRAYS)}): "
+                                          f"it has no {', '.join(missing)}.")
+            (mu_shape, mu_dtype), (sigma_shape, sigma_dtype) = headers["mu"], headers["sigma"]
+            if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]) or mu_dtype.kind != "f" or sigma_dtype.kind != "f":
+                raise UntrustedInputError(f"{path}: mu {mu_dtype} {mu_shape} and sigma {sigma_dtype} {sigma_shape} do not fit "
+                                          "together (float mu [D] and sigma [D, D]).")
+            if headers["num_images"][0] != () or headers["num_images"][1].kind not in "iu":
+                raise UntrustedInputError(f"{path}: num_images must be one integer, got {headers['num_images'][1]} "
+                                          f"{headers['num_images'][0]}.")
+            if headers["network"][0] != () or headers["network"][1].kind != "U":
+                raise UntrustedInputError(f"{path}: network must be one string, got {headers['network'][1]} "
+                                          f"{headers['network'][0]}.")
+
+        arrays = load_npz(path, check)
+        return cls(arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64), int(arrays["num_images"]),
+                   str(arrays["network"]))
 
 
 class ImageMetrics:

@@ -11,7 +11,7 @@ import torch
 
 from ddpm_plugin.classifier import DigitClassifier, classify, frechet_distance, load_classifier, save_classifier
 
-MNIST_DIR = Path(os.environ.get("DDPM_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+MNIST_DIR = Path(os.environ.get("DDPM_MNIST_DIR") or "$DDPM_MNIST_DIR (not set)")
 
 
 def test_frechet_distance_is_zero_for_a_set_and_the_squared_shift_for_its_translate():

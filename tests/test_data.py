@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_plugin.data import load_image_dataset
+from ddpm_plugin.data import DIGITS_TEST_FRACTION, MNIST_DIR_ENV, DataError, digits_split, load_image_dataset
 from ddpm_plugin.pipelines.diffusion_ops import to_model_range
 
-MNIST_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_train.npz"
+MNIST_DIR = os.environ.get(MNIST_DIR_ENV)
+needs_mnist = pytest.mark.skipif(not MNIST_DIR, reason=f"${MNIST_DIR_ENV} is not set (the folder of mnist_train.npz "
+                                                       "and mnist_test.npz, or of MNIST's IDX files)")
 
 
 def write_images(folder: Path, count: int, size: int = 8, mode: str = "L") -> list[Path]:
@@ -31,11 +35,25 @@ def test_digits_are_scaled_from_0_16_to_0_255():
     from sklearn.datasets import load_digits
 
     dataset = load_image_dataset("digits", image_size=8, channels=1)
-    raw = load_digits().images
-    assert len(dataset) == len(raw) == 1797
+    raw = load_digits().images[digits_split("train")]
+    assert len(dataset) == len(raw)
     assert dataset[0].shape == (1, 8, 8) and dataset[0].dtype == torch.uint8
     np.testing.assert_array_equal(dataset[5][0].numpy(), np.round(raw[5] * 255 / 16).astype(np.uint8))
     assert int(dataset.images.max()) == 255 and int(dataset.images.min()) == 0
+
+
+def test_digits_hold_out_a_fixed_test_split_the_training_set_never_sees():
+    train, test = digits_split("train"), digits_split("test")
+    assert len(train) + len(test) == 1797 and len(test) == round(1797 * DIGITS_TEST_FRACTION)
+    assert not set(train.tolist()) & set(test.tolist())
+    np.testing.assert_array_equal(test, digits_split("test"))  # fixed, not drawn anew
+    held_out = load_image_dataset("digits", image_size=8, channels=1, split="test")
+    assert len(held_out) == len(test)
+    training = {bytes(image.numpy()) for image in load_image_dataset("digits", image_size=8, channels=1)}
+    assert sum(bytes(image.numpy()) in training for image in held_out) < len(test) // 10  # only duplicate digits
+    from sklearn.datasets import load_digits
+
+    assert set(np.bincount(load_digits().target[test])) != {0} and (np.bincount(load_digits().target[test]) > 20).all()
 
 
 def test_model_range_is_x_over_127_5_minus_1():
@@ -54,16 +72,95 @@ def test_npz_28x28_is_zero_padded_to_32(tmp_path):
     assert int(item[0, :2].sum()) == int(item[0, -2:].sum()) == int(item[0, :, :2].sum()) == 0
 
 
-@pytest.mark.skipif(not MNIST_TRAIN.is_file(), reason="the shared MNIST files are not on this machine")
-def test_mnist_dataset_reads_the_shared_npz_padded_to_32():
+@needs_mnist
+def test_mnist_dataset_reads_the_npz_of_the_mnist_folder_padded_to_32():
     dataset = load_image_dataset("mnist", image_size=32, channels=1)
     assert len(dataset) == 60000 and dataset[0].shape == (1, 32, 32)
+    assert len(load_image_dataset("mnist", image_size=28, channels=1, split="test")) == 10000
+
+
+def write_idx(path: Path, images: np.ndarray) -> Path:
+    """MNIST's IDX format: magic 0x00000803 (unsigned bytes, 3 dimensions), the dimensions, then the pixels."""
+    content = (0x803).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in images.shape) + images.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(content) if path.suffix == ".gz" else content)
+    return path
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_mnist_reads_the_idx_files_in_the_mnist_folder(tmp_path, monkeypatch, suffix):
+    train = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    test = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", train)
+    write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", test)
+    monkeypatch.setenv(MNIST_DIR_ENV, str(tmp_path))
+    dataset = load_image_dataset("mnist", image_size=32, channels=1)
+    assert len(dataset) == 7
+    np.testing.assert_array_equal(dataset[4][0, 2:30, 2:30].numpy(), train[4])
+    np.testing.assert_array_equal(load_image_dataset("mnist", image_size=28, channels=1, split="test")[2][0].numpy(), test[2])
+
+
+def test_mnist_finds_the_idx_files_torchvision_leaves_in_the_working_folder(tmp_path, monkeypatch):
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz", images)
+    monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(load_image_dataset("mnist", image_size=28, channels=1)[3][0].numpy(), images[3])
+
+
+@pytest.mark.parametrize("content, message", [
+    ((0x801).to_bytes(4, "big") + (5).to_bytes(4, "big") + bytes(5), "magic"),
+    ((0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (5, 28, 28)) + bytes(100), "3920 bytes"),
+    ((0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (4_000_000_000, 28_000, 28_000)), "GiB"),
+])
+def test_a_damaged_idx_file_is_named(tmp_path, monkeypatch, content, message):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(content)
+    monkeypatch.setenv(MNIST_DIR_ENV, str(tmp_path))
+    with pytest.raises(ValueError, match=message) as error:
+        load_image_dataset("mnist", image_size=28, channels=1)
+    assert "train-images-idx3-ubyte" in str(error.value)
+
+
+def test_without_mnist_anywhere_one_message_names_every_way(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):  # as in an install without the [datasets] extra
+        if name == "datasets" or name.startswith("datasets."):
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(DataError) as error:
+        load_image_dataset("mnist", image_size=28, channels=1)
+    message = str(error.value)
+    assert MNIST_DIR_ENV in message and "train-images-idx3-ubyte" in message and "ylecun/mnist" in message
+    assert "[datasets]" in message and "shared" not in message
 
 
 def test_npz_without_images_array_names_the_file(tmp_path):
     np.savez(tmp_path / "wrong.npz", pixels=np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match=r"wrong\.npz.*no `images` array"):
         load_image_dataset(str(tmp_path / "wrong.npz"), image_size=8, channels=1)
+
+
+@pytest.mark.slow
+def test_a_compressed_npz_bomb_of_the_wrong_size_is_refused_before_decompressing(tmp_path):
+    from npz_bombs import run_capped, write_npz_bomb
+
+    bomb = write_npz_bomb(tmp_path / "big.npz", {"images": ((10_000, 256, 256), "|u1")})  # 655 MB declared
+    assert bomb.stat().st_size < 4 << 20
+    outcome = run_capped(f"from ddpm_plugin.data import load_image_dataset\n"
+                         f"result = len(load_image_dataset({str(bomb)!r}, image_size=8, channels=1))",
+                         address_space=1_100_000_000)
+    print("peak RSS (MB):", outcome["peak_rss_mb"])
+    assert "images are 256x256, the preset needs 8x8" in outcome.get("error", ""), outcome
+    assert outcome["peak_rss_mb"] < 600
 
 
 def test_truncated_npz_names_the_file(tmp_path):

@@ -161,3 +161,38 @@ def test_a_torchscript_file_that_is_not_one_is_named(tmp_path):
     (tmp_path / "inception.pt").write_bytes(b"<html>404</html>")
     with pytest.raises(InceptionWeightsError, match=r"inception.pt \(16 bytes\) is not a TorchScript network"):
         TorchScriptInception(tmp_path / "inception.pt")
+
+
+@pytest.mark.slow
+def test_a_compressed_fid_statistics_bomb_is_refused_before_decompressing(tmp_path):
+    from npz_bombs import run_capped, write_npz_bomb
+
+    bomb = write_npz_bomb(tmp_path / "stats.npz", {"mu": ((9000,), "<f8"), "sigma": ((9000, 9000), "<f8"),
+                                                    "num_images": ((), "<i8"), "network": ((), "<U8")})
+    assert bomb.stat().st_size < 8 << 20  # 648 MB declared
+    outcome = run_capped(f"from ddpm_plugin.metrics import FidStatistics\nresult = FidStatistics.load({str(bomb)!r}).num_images",
+                         address_space=1_100_000_000)
+    print("peak RSS (MB):", outcome["peak_rss_mb"])
+    assert outcome.get("error", "").startswith("UntrustedInputError") and "stats.npz" in outcome["error"], outcome
+    assert outcome["peak_rss_mb"] < 600
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"mu": ((4,), "<f8"), "sigma": ((5, 5), "<f8"), "num_images": ((), "<i8"), "network": ((), "<U3")}, "do not fit together"),
+    ({"mu": ((4,), "<f8"), "sigma": ((4, 4), "<f8"), "num_images": ((), "<i8")}, "network"),
+    ({"mu": ((4,), "<f8"), "sigma": ((4, 4), "<f8"), "num_images": ((3,), "<i8"), "network": ((), "<U3")}, "num_images"),
+])
+def test_fid_statistics_of_the_wrong_shape_are_refused_from_their_headers(tmp_path, arrays, message):
+    from npz_bombs import write_npz_bomb
+
+    with pytest.raises(ValueError, match=message):
+        FidStatistics.load(write_npz_bomb(tmp_path / "stats.npz", arrays))
+
+
+def test_fid_statistics_are_written_whole_or_not_at_all(tmp_path):
+    statistics = FidStatistics(np.zeros(3), np.eye(3), 5, "net")
+    path = tmp_path / "stats.npz"
+    statistics.save(path)
+    FidStatistics(np.ones(3), np.eye(3), 5, "net").save(path)
+    assert FidStatistics.load(path).mu.tolist() == [1, 1, 1]
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.npz"]
