@@ -90,13 +90,19 @@ def page_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, Path]:
     return {page: tmp_path_factory.mktemp(page.stem) for page in PAGES}
 
 
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+
+
 def run_block(block: Block, folder: Path) -> subprocess.CompletedProcess:
-    venv_bin = Path(sys.executable).parent
+    """Run `block` in `folder` as a reader would: .venv's python, or bash with .venv/bin first on PATH (so `ddpm`,
+    `python` and `accelerate` are the venv's). The Hub is set offline: no block may need the network."""
+    venv_bin = Path(PYTHON).parent
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
     if block.language == "python":
         script = folder / f"block_{block.line}.py"
         script.write_text(block.code, encoding="utf-8")
-        command = [sys.executable, str(script)]
+        command = [PYTHON, str(script)]
     else:
         command = ["bash", "-euo", "pipefail", "-c", block.code]
     return subprocess.run(
