@@ -84,6 +84,27 @@ def test_readme_is_a_guide_of_at_most_20000_bytes() -> None:
     assert len((ROOT / "README.md").read_bytes()) <= 20_000
 
 
+LINK = re.compile(r"\]\((?!https?://)(?P<target>[^)#\s]*)(?:#(?P<anchor>[\w-]+))?\)")
+
+
+def anchors_of(page: Path) -> set[str]:
+    """GitHub's anchors of `page`'s headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    headings = re.findall(r"^#+\s+(.+?)\s*$", text, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+def test_relative_links_and_anchors_resolve() -> None:
+    broken = []
+    for page in PAGES:
+        for match in LINK.finditer(page.read_text(encoding="utf-8")):
+            target = (page.parent / match.group("target")).resolve() if match.group("target") else page
+            anchor = match.group("anchor")
+            if not target.exists() or (anchor and target.suffix == ".md" and anchor not in anchors_of(target)):
+                broken.append(f"{page.relative_to(ROOT)}: {match.group(0)}")
+    assert not broken, f"links that lead nowhere: {broken}"
+
+
 @pytest.fixture(scope="module")
 def page_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, Path]:
     """One temp dir per page, shared by its blocks in order."""
