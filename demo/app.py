@@ -65,20 +65,39 @@ SAMPLER_LABELS = {"ddpm": "DDPM (ancestral, paper)", "ddim": "DDIM"}
 VARIANCE_LABELS = {"fixed_large": "fixed_large (σ² = β_t)", "fixed_small": "fixed_small (σ² = β̃_t)"}
 
 INTRO = """# Denoising Diffusion Probabilistic Models
-Samples from a DDPM (Ho, Jain, Abbeel 2020). The paper's sampler is ancestral sampling over all T = 1000 steps
-(Algorithm 2); DDIM reaches similar images with far fewer steps. The same seed gives the same images on the
-same backend. The progression shows x_t (odd rows) and the predicted x̂₀ (even rows) from t = T to 0, as in the
-paper's Fig. 6."""
+This app turns random noise into pictures, step by step: a network trained on handwritten digits removes a
+little noise at each step until a digit appears. **Generate** makes new pictures, **Interpolate** blends two
+pictures into each other, and **Bits/dim** scores how likely the model finds a picture (lower is more likely).
+The same seed gives the same pictures.
 
-INTERPOLATE_HELP = """Both images are noised to x_t with the same noise, mixed as (1 − λ) x_t + λ x'_t and denoised
-with the same noise for every λ (paper Fig. 8-9). Uploads are converted to the model's size and colours. Runs on
-PyTorch."""
+For readers of the paper (Ho, Jain, Abbeel 2020): the DDPM sampler is ancestral sampling over all T = 1000 steps
+(Algorithm 2); DDIM reaches similar images with far fewer steps. The progression shows x_t (odd rows) and the
+predicted x̂₀ (even rows) from t = T to 0, as in the paper's Fig. 6."""
 
-BPD_HELP = """The negative log-likelihood bound of one 8-bit image in bits/dim (paper Eq. 5): rate (the KL terms
-L_T ... L_1) plus distortion (the decoder L_0), over all T steps. Uploads are converted to the model's size and
-colours. Runs on PyTorch."""
+INTERPOLATE_HELP = """Blends image A into image B: both are first blurred with the same noise, mixed in steps, and
+cleaned up again, so the middle pictures share features of both. For the paper's terms: both images are noised
+to x_t with the same noise, mixed as (1 − λ) x_t + λ x'_t and denoised with the same noise for every λ (paper
+Fig. 8-9). Uploads are converted to the model's size and colours. Runs on PyTorch."""
 
+BPD_HELP = """How surprising the model finds a picture, in bits per pixel value: lower means the picture looks more
+like what the model learned. For the paper's terms: the negative log-likelihood bound of one 8-bit image in
+bits/dim (paper Eq. 5), rate (the KL terms L_T ... L_1) plus distortion (the decoder L_0), over all T steps.
+Uploads are converted to the model's size and colours. Runs on PyTorch."""
 
+# What each control does, in plain words (Gradio shows it under the control's label).
+HINTS = {
+    "model": "Which trained network draws the pictures.",
+    "backend": "The software that runs the network; both give the same kind of pictures.",
+    "sampler": "DDPM is the paper's slow, careful way (1000 steps); DDIM gets similar pictures in far fewer steps.",
+    "variance": "How much fresh noise DDPM adds back at each step (the paper tried both).",
+    "eta": "0 gives the same picture for the same seed and noise; 1 adds fresh noise like DDPM.",
+    "steps": "More steps take longer and usually look cleaner.",
+    "num_images": "How many pictures to make at once.",
+    "seed": "The starting noise: the same seed gives the same pictures.",
+    "num_lambdas": "How many blended pictures to show between A and B.",
+    "interpolation_seed": "The noise used for blurring and cleaning up: the same seed gives the same row.",
+    "bpd_seed": "The noise used to measure: the score changes a little with it.",
+}
 def _choices(labels: dict[str, str], values: Sequence[str]) -> list[tuple[str, str]]:
     return [(labels[value], value) for value in values]
 
@@ -225,6 +244,11 @@ def build_demo(engine: DemoEngine, uploads: UploadStore) -> gr.Blocks:
         )
         return stamped(gallery_images(fitted[None] / 255.0), f"bits/dim input of {model}")[0], summary
 
+    def model_changed(name: str) -> tuple[str, Any, str]:
+        with shown_in_page():
+            chosen = engine.model(name)
+        return training_summary(chosen.folder), gr.update(value=chosen.interpolation_t), chosen.interpolation_hint
+
     def sampler_controls(sampler: str) -> tuple[Any, Any, Any]:
         ddpm = sampler == "ddpm"
         return (
@@ -235,33 +259,35 @@ def build_demo(engine: DemoEngine, uploads: UploadStore) -> gr.Blocks:
 
     models = engine.model_names
     backends = engine.backends
-    default_variance = engine.models[models[0]].variance_type
+    first = engine.models[models[0]]
+    default_variance = first.variance_type
     max_t = engine.max_steps - 1
     with gr.Blocks(title="DDPM demo", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
-        gr.Markdown(INTRO)
+        gr.Markdown(INTRO, elem_id="intro")
         gr.Markdown(f"Or [sample in your own browser]({WEB_PATH}/): onnxruntime-web runs the first model on your "
                     "device, with no server compute.", elem_id="browser-link")
         if "onnxruntime" not in backends:
             reasons = "; ".join(f"{m.name}: {m.onnx_problem}" for m in engine.models.values())
             gr.Markdown(f"ONNX Runtime is unavailable ({reasons}); sampling runs on PyTorch.")
-        model = Dropdown(models, value=models[0], label="Model", elem_id="model")
-        about = gr.Markdown(training_summary(engine.models[models[0]].folder), elem_id="model-about")
+        model = Dropdown(models, value=models[0], label="Model", info=HINTS["model"], elem_id="model")
+        about = gr.Markdown(training_summary(first.folder), elem_id="model-about")
         with gr.Tab("Generate", elem_id="tab-generate"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
                     backend = Radio(_choices(BACKEND_LABELS, backends), value=backends[0], label="Backend",
-                                    elem_id="backend")
+                                    info=HINTS["backend"], elem_id="backend")
                     sampler = Radio(_choices(SAMPLER_LABELS, SAMPLERS), value="ddpm", label="Sampler",
-                                    elem_id="sampler")
+                                    info=HINTS["sampler"], elem_id="sampler")
                     variance_type = Radio(_choices(VARIANCE_LABELS, PAPER_VARIANCE_TYPES),
-                                          value=default_variance, label="Variance σ²", elem_id="variance")
+                                          value=default_variance, label="Variance σ²", info=HINTS["variance"],
+                                          elem_id="variance")
                     eta = Slider(0.0, 1.0, value=0.0, step=0.05, label="DDIM η (0 = deterministic)",
-                                 visible=False, elem_id="eta")
+                                 info=HINTS["eta"], visible=False, elem_id="eta")
                     steps = Number(DDPM_STEPS, precision=0, label=f"Steps (1..{engine.max_steps})",
-                                   elem_id="steps")
+                                   info=HINTS["steps"], elem_id="steps")
                     num_images = Number(4, precision=0, label=f"Number of images (1..{engine.max_images})",
-                                        elem_id="num-images")
-                    seed = Number(0, precision=0, label=f"Seed (0..{MAX_SEED})", elem_id="seed")
+                                        info=HINTS["num_images"], elem_id="num-images")
+                    seed = Number(0, precision=0, label=f"Seed (0..{MAX_SEED})", info=HINTS["seed"], elem_id="seed")
                     random_seed = gr.Button("Random seed", size="sm", elem_id="random-seed")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
@@ -280,11 +306,14 @@ def build_demo(engine: DemoEngine, uploads: UploadStore) -> gr.Blocks:
                                   sources=["upload", "clipboard"], elem_id="image-b")
             with gr.Row():
                 use_two = gr.Button("Use samples 1 and 2 from the gallery", size="sm")
-                timestep = Number(min(500, max_t), precision=0, label=f"Interpolation step t (0..{max_t})",
+                timestep = Number(first.interpolation_t, precision=0, label=f"Interpolation step t (0..{max_t})",
+                                  info="How far both images are blurred before mixing: more mixes more.",
                                   elem_id="interpolation-t")
                 num_lambdas = Number(9, precision=0, label=f"Interpolants (2..{MAX_LAMBDAS})",
-                                     elem_id="num-lambdas")
-                interpolation_seed = Number(0, precision=0, label="Seed", elem_id="interpolation-seed")
+                                     info=HINTS["num_lambdas"], elem_id="num-lambdas")
+                interpolation_seed = Number(0, precision=0, label="Seed", info=HINTS["interpolation_seed"],
+                                            elem_id="interpolation-seed")
+            interpolation_hint = gr.Markdown(first.interpolation_hint, elem_id="interpolation-hint")
             run_interpolation = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
             interpolation = gr.Image(label="Interpolation", format="png", type="pil", interactive=False,
                                      elem_id="interpolation", buttons=["download", "fullscreen"])
@@ -298,7 +327,7 @@ def build_demo(engine: DemoEngine, uploads: UploadStore) -> gr.Blocks:
                                       elem_id="bpd-fitted")
             with gr.Row():
                 use_one = gr.Button("Use sample 1 from the gallery", size="sm")
-                bpd_seed = Number(0, precision=0, label="Seed", elem_id="bpd-seed")
+                bpd_seed = Number(0, precision=0, label="Seed", info=HINTS["bpd_seed"], elem_id="bpd-seed")
             run_bpd = gr.Button("Compute bits/dim", variant="primary", elem_id="bits-per-dim")
             bpd_summary = gr.Markdown(label="Bound", elem_id="bpd-summary")
 
@@ -318,7 +347,7 @@ def build_demo(engine: DemoEngine, uploads: UploadStore) -> gr.Blocks:
             api_description="The variational bound of an image in bits/dim with its rate and distortion.",
         )
         sampler.change(sampler_controls, sampler, [steps, variance_type, eta], api_visibility="private")
-        model.change(lambda name: training_summary(engine.model(name).folder), model, about, api_visibility="private")
+        model.change(model_changed, model, [about, timestep, interpolation_hint], api_visibility="private")
         random_seed.click(lambda: random.randint(0, MAX_SEED), None, seed, api_visibility="private", queue=False)
         use_two.click(use_samples, gallery, [image_a, image_b], api_visibility="private")
         use_one.click(use_sample, gallery, bpd_image, api_visibility="private")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ddpm_plugin.images import SnapshotRecorder, evenly_spaced_steps, make_grid, snapshot_grid, to_uint8
 from ddpm_plugin.sampling import load_pipeline, with_scheduler
-from ddpm_plugin.trust import check_no_links
+from ddpm_plugin.trust import check_no_links, file_sha256, read_json
 from ddpm_plugin.vocabulary import (
     BACKENDS,
     ONNX_METADATA_FILE,
@@ -49,6 +49,10 @@ GALLERY_PIXELS = 128  # gallery images are upscaled to at least this size, by ne
 PROGRESSION_PIXELS = 64  # the same for each tile of the progression
 MAX_LAMBDAS = 16  # most interpolation weights per request
 MAX_ECHO = 60  # characters of a rejected value that a message repeats
+# The interpolation step each model starts at, measured (benchmarks/interpolation_t.py, results in
+# docs/results/interpolation_t.json): keyed by the SHA-256 of the UNet weights, with a fallback for other models.
+INTERPOLATION_DEFAULTS = Path(__file__).resolve().parent / "interpolation_defaults.json"
+WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 
 # Called after every denoising step with (steps done, total steps).
 StepCallback = Callable[[int, int], None]
@@ -170,6 +174,7 @@ class DemoModel:
         self.num_train_timesteps = int(config.num_train_timesteps)
         self.variance_type = config.variance_type
         self.image_shape = tuple(self.torch_pipeline.image_shape(1)[1:])  # (channels, height, width)
+        self.interpolation_t, self.interpolation_hint = interpolation_default(folder, self.num_train_timesteps)
         self._onnx_pipelines: queue.SimpleQueue | None = None
         self.onnx_folder: Path | None = None  # the export ONNX Runtime samples with (shipped or cached)
         self.onnx_problem: str | None = "disabled by --no-onnx"
@@ -271,6 +276,22 @@ class DemoModel:
 
         generator = torch.Generator().manual_seed(seed)
         return with_scheduler(self.torch_pipeline, "ddpm").bits_per_dim(image[None], generator=generator)
+
+
+def interpolation_default(folder: Path, num_train_timesteps: int) -> tuple[int, str]:
+    """The interpolation step t the page starts at for the model in `folder`, and a sentence that says why: the
+    deepest t at which the measured model's reconstructions kept their class, else the table's fallback."""
+    table = read_json(INTERPOLATION_DEFAULTS)
+    weights = folder / WEIGHTS_FILE
+    entry = table.get(file_sha256(weights)) if weights.is_file() else None
+    if entry is None:
+        timestep = min(table["fallback"]["timestep"], num_train_timesteps - 1)
+        return timestep, (f"Starts at t = {timestep}: this model was not measured, so it takes the shallowest default of "
+                          "the measured models. A larger t mixes more but may lose what the two images are.")
+    timestep = min(entry["timestep"], num_train_timesteps - 1)
+    return timestep, (f"Starts at t = {timestep}: measured on this model, reconstructions keep their class up to "
+                      f"t = {timestep} ({entry['class_kept']:.0%} of the digits tried) and lose it deeper. A larger t "
+                      "mixes more; a smaller one stays closer to the two images.")
 
 
 DATASET_NAMES = {"mnist": "MNIST", "digits": "scikit-learn's 8x8 digits"}
@@ -429,6 +450,7 @@ class DemoEngine:
                     "image_shape": list(model.image_shape),
                     "num_train_timesteps": model.num_train_timesteps,
                     "variance_type": model.variance_type,
+                    "interpolation_t": model.interpolation_t,
                     "onnxruntime": model.onnx_problem or "available",
                     "training": training_summary(model.folder),
                 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -274,3 +275,39 @@ def test_the_page_says_what_a_model_was_trained_on_for_how_long_and_what_was_mea
     (folder / "training_run.json").write_text("{not json")
     assert training_summary(folder) == ""  # a broken file hides the line, never the page
     assert training_summary(tiny_pipeline_dir) == ""  # a folder that does not say
+
+
+def page_components(engine: DemoEngine, tmp_path: Path) -> dict[str, dict]:
+    """The page's components by `elem_id`, as the browser receives them."""
+    from ddpm_plugin.demo.app import build_demo
+    from ddpm_plugin.demo.uploads import UploadStore
+
+    config = build_demo(engine, UploadStore(tmp_path)).get_config_file()
+    return {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
+
+
+def test_the_interpolation_starts_at_the_t_measured_for_each_model_and_says_why(tiny_pipeline_dir, tmp_path):
+    """The default t is read from the measured table (by the weights' SHA-256), never written in code; a model
+    that was not measured starts at the table's fallback, and the hint says which."""
+    from ddpm_plugin.demo.backends import INTERPOLATION_DEFAULTS
+
+    table = json.loads(INTERPOLATION_DEFAULTS.read_text())
+    measured = next(entry for entry in table.values() if entry.get("model") == MNIST_MODEL.name)
+    engine = DemoEngine([MNIST_MODEL, tiny_pipeline_dir], num_threads=1, onnx=False)
+    mnist, tiny = engine.models[MNIST_MODEL.name], engine.models["pipeline"]
+    assert mnist.interpolation_t == measured["timestep"] < 500  # t = 500 lost the endpoints' class on MNIST
+    assert f"keep their class up to t = {measured['timestep']}" in mnist.interpolation_hint
+    assert tiny.interpolation_t == table["fallback"]["timestep"] and "not measured" in tiny.interpolation_hint
+    components = page_components(engine, tmp_path)
+    assert components["interpolation-t"]["value"] == measured["timestep"]
+    assert mnist.interpolation_hint in components["interpolation-hint"]["value"]
+    assert engine.describe()["models"][MNIST_MODEL.name]["interpolation_t"] == measured["timestep"]
+
+
+def test_the_page_explains_itself_in_plain_words_and_keeps_the_papers_terms(engine, tmp_path):
+    components = page_components(engine, tmp_path)
+    intro = components["intro"]["value"]
+    assert "turns random noise into pictures" in intro and "Algorithm 2" in intro  # plain words, then the paper's
+    for elem_id in ("model", "backend", "sampler", "variance", "steps", "num-images", "seed", "interpolation-t",
+                    "num-lambdas", "interpolation-seed", "bpd-seed"):
+        assert len(components[elem_id].get("info") or "") > 20, elem_id  # every control says what it does
