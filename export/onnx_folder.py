@@ -162,13 +162,14 @@ def _fields(data: memoryview, where: Path) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value) of each field of one protobuf message: an int for varint and fixed
     fields, a memoryview for length-delimited ones. `OnnxModelError` for bytes that are not a message."""
     offset, end = 0, len(data)
+    damaged = OnnxModelError(f"{where} is not an ONNX model (truncated or corrupt); re-export with `ddpm export`.")
 
     def varint() -> int:
         nonlocal offset
         value = shift = 0
         while True:
             if offset >= end or shift > 63:
-                raise OnnxModelError(f"{where} is not an ONNX model (damaged protobuf); re-export with `ddpm export`.")
+                raise damaged
             byte = data[offset]
             offset += 1
             value |= (byte & 0x7F) << shift
@@ -188,13 +189,13 @@ def _fields(data: memoryview, where: Path) -> Iterator[tuple[int, int, Any]]:
         elif wire == 2:
             length = varint()
             if offset + length > end:
-                raise OnnxModelError(f"{where} is not an ONNX model (truncated or corrupt); re-export with `ddpm export`.")
+                raise damaged
             yield number, wire, data[offset:offset + length]
             offset += length
         else:
-            raise OnnxModelError(f"{where} is not an ONNX model (protobuf wire type {wire}); re-export with `ddpm export`.")
+            raise damaged
     if offset != end:
-        raise OnnxModelError(f"{where} is not an ONNX model (truncated or corrupt); re-export with `ddpm export`.")
+        raise damaged
 
 
 @dataclass

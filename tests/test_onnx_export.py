@@ -124,7 +124,7 @@ def test_export_over_the_tolerance_leaves_nothing_and_keeps_an_earlier_export(ti
     (["--exporter", "torchscript", "--opset", "9"], "writes opsets 11..20, got --opset 9"),
     (["--tolerance", "0"], "must be a positive number"),
     (["--tolerance", "-1"], "must be a positive number"),
-    (["--tolerance", "nan"], "must be a positive number"),
+    (["--tolerance", "nan"], "argument --tolerance: must be a finite number, got 'nan'"),
     (["--quantize", "int8", "--keep-float", "conv_in,decoder"], "unknown layer group(s) decoder"),
     (["--quantize", "int8", "--quality-budget", "0"], "must be a fraction in (0, 1]"),
     (["--quantize", "int8", "--calibration-inputs", "0"], "must be a whole number >= 1"),
