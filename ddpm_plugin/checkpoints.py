@@ -20,7 +20,6 @@ or extra files), and `load_latest_checkpoint` then falls back to the one before 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -35,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .trust import file_sha256
+from .trust import UntrustedInputError, file_sha256, read_json, regular_file, write_json
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMP_PREFIX = ".tmp-"
@@ -118,9 +117,10 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 # --- Writing. ---
 
 
-def _write_json(path: Path, value: Any) -> None:
-    with open(path, "w") as file:
-        json.dump(value, file, indent=1)
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity, in order."""
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 def _fsync(path: Path) -> None:
@@ -184,9 +184,9 @@ def _write_checkpoint_files(temp: Path, step: int, model: dict[str, torch.Tensor
     optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer)
     rng_tensors = {f"{rank}.torch": s["torch"] for rank, s in enumerate(rng_states)}
     rng_tensors.update({f"{rank}.cuda.{d}": c for rank, s in enumerate(rng_states) for d, c in enumerate(s["cuda"])})
-    _write_json(temp / "optimizer.json", optimizer_meta)
+    write_json(temp / "optimizer.json", optimizer_meta)
     python_numpy = [{"python": s["python"], "numpy": s["numpy"], "num_cuda": len(s["cuda"])} for s in rng_states]
-    _write_json(temp / "trainer_state.json", {**trainer_state, "step": step, "rng": python_numpy})
+    write_json(temp / "trainer_state.json", {**trainer_state, "step": step, "rng": python_numpy})
     save_file({k: v.contiguous() for k, v in model.items()}, temp / "model.safetensors")
     save_file(ema, temp / "ema.safetensors")
     save_file(optimizer_tensors, temp / "optimizer.safetensors")
@@ -195,8 +195,7 @@ def _write_checkpoint_files(temp: Path, step: int, model: dict[str, torch.Tensor
     files = sorted(p.name for p in temp.iterdir())
     for name in files:
         _fsync(temp / name)
-    _write_json(temp / MANIFEST, {name: file_sha256(temp / name) for name in files})
-    _fsync(temp / MANIFEST)
+    write_json(temp / MANIFEST, {name: file_sha256(temp / name) for name in files})  # synced
 
 
 def match_json_permissions(folder: str | os.PathLike) -> None:
@@ -225,8 +224,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     _verify_manifest(path)
     try:
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
-        optimizer_meta = json.loads((path / "optimizer.json").read_text())
+        trainer_state = read_json(path / "trainer_state.json")
+        optimizer_meta = read_json(path / "optimizer.json")
         rng_tensors = load_file(path / "rng.safetensors")
         rng_states = [
             {
@@ -250,9 +249,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _verify_manifest(path: Path) -> None:
-    """Check that the manifest lists exactly the checkpoint's files, all of them present and matching."""
+    """Check that the manifest lists exactly the checkpoint's files, all of them regular files, present and
+    matching (a link or a device is refused, never read)."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = read_json(regular_file(path, MANIFEST))
     except (OSError, ValueError) as error:
         raise CorruptCheckpointError(f"{path}: missing or unreadable {MANIFEST} ({error}).") from error
     if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
@@ -262,9 +262,12 @@ def _verify_manifest(path: Path) -> None:
     if unlisted:
         raise CorruptCheckpointError(f"{path}: {MANIFEST} does not list {', '.join(unlisted)}.")
     for name, expected in manifest.items():
-        file = path / name
-        if not file.is_file():
-            raise CorruptCheckpointError(f"{path}: {name} is missing.")
+        try:
+            file = regular_file(path, name, what=f"{MANIFEST} entry")
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{path}: {name} is missing.") from None
+        except UntrustedInputError as error:
+            raise CorruptCheckpointError(f"{path}: {error}") from None
         if file_sha256(file) != expected:
             raise CorruptCheckpointError(f"{path}: {name} does not match its checksum (truncated or altered).")
 

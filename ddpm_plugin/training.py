@@ -46,6 +46,7 @@ from .checkpoints import (
     load_checkpoint,
     load_latest_checkpoint,
     match_json_permissions,
+    non_finite_tensors,
     restore_rng_state,
     save_checkpoint,
 )
@@ -57,8 +58,10 @@ from .pipelines.gaussian_diffusion import GaussianDiffusion
 from .presets import PaperUNet2DModel, get_preset
 from .sampling import sample_grid
 from .training_config import RESUMABLE_CHANGES, ConfigError, TrainingConfig
+from .trust import write_atomically, write_json
 from .vocabulary import ONNX_SUBFOLDER, TRAINING_CONFIG_FILE
 
+NAMES_SHOWN = 5  # non-finite tensors named in the message
 PERMUTATION_SEED_OFFSET = 1_000_003  # keeps the data order's generator apart from the model-init seed
 RUN_ENTRIES = (TRAINING_CONFIG_FILE, "checkpoints", "tensorboard", "samples", "pipeline")  # what a run writes
 
@@ -79,6 +82,23 @@ class TrainingResult:
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stopped and the last good checkpoint is kept."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights (or their EMA) became NaN or infinite, possibly with a finite loss; nothing was saved and the
+    last good checkpoint is kept."""
+
+
+def check_finite_weights(named: dict[str, dict[str, torch.Tensor]], step: int, checkpoints: Path) -> None:
+    """`NonFiniteWeightsError` naming every non-finite tensor of each of `named` ("weights", "EMA weights", ...)."""
+    bad = {what: names for what, tensors in named.items() if (names := non_finite_tensors(tensors))}
+    if bad:
+        kept = list_checkpoints(checkpoints)
+        last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written before it"
+        listed = "; ".join(f"{what}: {', '.join(names[:NAMES_SHOWN])}{' and more' if len(names) > NAMES_SHOWN else ''} "
+                           f"({len(names)} of {len(named[what])} tensors)" for what, names in bad.items())
+        raise NonFiniteWeightsError(f"the weights became non-finite at step {step} ({listed}); nothing was saved and "
+                                    f"{last}. Lower the learning rate.")
 
 
 # --- Small functions the loop calls. ---
@@ -290,8 +310,11 @@ class TrainingState:
 
         per_process = gather_object([{"rng": capture_rng_state(), "losses": self.losses.state_dict()}])
         failure = None
+        names = parameter_names(self.unet)
+        weights, ema_weights = self.unet.state_dict(), self.ema.state_dict(names)
+        check_finite_weights({"weights": weights, "EMA weights": ema_weights}, self.step,
+                             Path(config.output_dir) / "checkpoints")  # every process holds the same weights
         if accelerator.is_main_process:
-            names = parameter_names(self.unet)
             trainer_state = {
                 "config": asdict(config), "world_size": accelerator.num_processes,
                 "lr": learning_rate_at(self.step - 1, config),
@@ -301,8 +324,8 @@ class TrainingState:
                 "loss": None if math.isnan(self.losses.last_mean) else self.losses.last_mean,
             }
             try:
-                save_checkpoint(Path(config.output_dir) / "checkpoints", step=self.step, model=self.unet.state_dict(),
-                                ema=self.ema.state_dict(names), optimizer=self.optimizer.state_dict(),
+                save_checkpoint(Path(config.output_dir) / "checkpoints", step=self.step, model=weights,
+                                ema=ema_weights, optimizer=self.optimizer.state_dict(),
                                 rng_states=[p["rng"] for p in per_process], trainer_state=trainer_state,
                                 total_limit=config.checkpoints_total_limit)
             except CheckpointWriteError as error:
@@ -316,10 +339,6 @@ class TrainingState:
         from accelerate.utils import set_seed
 
         saved = checkpoint.trainer_state.get("config", {})
-        if saved.get("preset", config.preset) != config.preset:
-            raise ConfigError("preset", f"is {config.preset!r} ({_describe(config.preset)}), but {checkpoint.path} was "
-                                        f"trained with preset {saved['preset']!r} ({_describe(saved['preset'])}); "
-                                        f"resume with `preset` {saved['preset']} or train into another `output_dir`.")
         try:
             self.unet.load_state_dict(checkpoint.model)
             self.ema.load_state_dict(checkpoint.ema, parameter_names(self.unet))
@@ -341,6 +360,15 @@ class TrainingState:
                                     checkpoint.trainer_state.get("loss"))
         warn_config_changes(saved, config, log)
         log(f"resumed from {checkpoint.path} at step {self.step}")
+
+
+def check_checkpoint_preset(checkpoint: Checkpoint, config: TrainingConfig) -> None:
+    """`ConfigError` naming both presets when `checkpoint` was trained with another preset than `config`'s."""
+    saved = checkpoint.trainer_state.get("config", {}).get("preset", config.preset)
+    if saved != config.preset:
+        raise ConfigError("preset", f"is {config.preset!r} ({_describe(config.preset)}), but {checkpoint.path} was "
+                                    f"trained with preset {saved!r} ({_describe(saved)}); "
+                                    f"resume with `preset` {saved} or train into another `output_dir`.")
 
 
 def _describe(preset: str) -> str:
@@ -382,7 +410,7 @@ def start_run_files(config: TrainingConfig, replaced: list[Path], accelerator: A
         log(f"overwrite: removed {', '.join(p.name for p in replaced)} from {config.output_dir}")
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / TRAINING_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=1) + "\n")
+    write_json(output / TRAINING_CONFIG_FILE, asdict(config))
 
 
 def checkpoint_to_resume(config: TrainingConfig, log: Log) -> Checkpoint | None:
@@ -401,11 +429,11 @@ def checkpoint_to_resume(config: TrainingConfig, log: Log) -> Checkpoint | None:
     return load_checkpoint(config.resume_from_checkpoint)
 
 
-def resume_or_seed(state: TrainingState, config: TrainingConfig, accelerator: Any, log: Log) -> None:
-    """Continue from the checkpoint `resume_from_checkpoint` names, or seed each process's noise differently."""
+def resume_or_seed(state: TrainingState, checkpoint: Checkpoint | None, config: TrainingConfig, accelerator: Any,
+                   log: Log) -> None:
+    """Continue from `checkpoint`, or seed each process's noise differently."""
     from accelerate.utils import set_seed
 
-    checkpoint = checkpoint_to_resume(config, log)
     if checkpoint is None:
         set_seed(config.seed, device_specific=True)
     else:
@@ -456,7 +484,7 @@ def log_checkpoint_sample(state: TrainingState, lr: float, grad_norm: torch.Tens
     if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
         grid = training_samples(ema_copy(state.unet, state.ema), config)
         (output / "samples").mkdir(exist_ok=True)
-        grid.save(output / "samples" / f"step-{step:08d}.png")
+        write_atomically(output / "samples" / f"step-{step:08d}.png", lambda file: grid.save(file, format="PNG"))
         if config.log_with == "tensorboard":
             accelerator.get_tracker("tensorboard").log_images(
                 {"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC"
@@ -508,6 +536,9 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
                                         f"accumulation steps x {world_size} processes.")
     replaced = claim_output_dir(config)
     preset = get_preset(config.preset)
+    checkpoint = checkpoint_to_resume(config, log)  # a checkpoint of another preset is refused before the data load
+    if checkpoint is not None:
+        check_checkpoint_preset(checkpoint, config)
 
     # 1. Data, checked before anything else is built.
     dataset = dataset if dataset is not None else load_image_dataset(config.dataset, preset.image_size, preset.channels)
@@ -528,7 +559,7 @@ def train(config: TrainingConfig, dataset: ImageDataset | None = None) -> Traini
     diffusion = GaussianDiffusion.from_config(paper_scheduler(config.preset).config)
 
     # 3. Resume, or seed each process's noise differently.
-    resume_or_seed(state, config, accelerator, log)
+    resume_or_seed(state, checkpoint, config, accelerator, log)
     if state.step >= config.max_steps:
         log(f"the run in {output} is finished: its checkpoint is at step {state.step} of max_steps {config.max_steps}; "
             "nothing was changed (raise max_steps to train further).")

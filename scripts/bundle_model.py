@@ -2,8 +2,9 @@
 
 The EMA weights of the checkpoint become the pipeline's UNet, stored as float16 safetensors (half the download;
 diffusers loads them as float32, and the ONNX export is made from these very weights, so the two agree); the
-validated ONNX export goes in `onnx/`, the run's settings in `training_config.json` and what the run took in
-`training_run.json`.
+pipeline's own files go beside them (as `save_pretrained` writes them, so the folder loads every way a saved one
+does), the validated ONNX export in `onnx/`, the run's settings in `training_config.json` and what the run took in
+`training_run.json`. Other files already in the folder are kept.
 
     python scripts/bundle_model.py --run runs/mnist --name ddpm-mnist [--checkpoint runs/mnist/checkpoints/checkpoint-00007000]
 """
@@ -11,7 +12,6 @@ validated ONNX export goes in `onnx/`, the run's settings in `training_config.js
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import torch
 from ddpm_plugin import DDPMPaperPipeline, PaperUNet2DModel, paper_scheduler
 from ddpm_plugin.checkpoints import load_checkpoint, load_latest_checkpoint, match_json_permissions
 from ddpm_plugin.export.onnx_export import export_onnx
-from ddpm_plugin.vocabulary import TRAINING_CONFIG_FILE, TRAINING_RUN_FILE
+from ddpm_plugin.trust import write_json
+from ddpm_plugin.vocabulary import ONNX_SUBFOLDER, TRAINING_CONFIG_FILE, TRAINING_RUN_FILE
 
 BUNDLED = Path(__file__).resolve().parent.parent / "ddpm_plugin" / "bundled"
 
@@ -42,16 +43,15 @@ def main() -> None:
     unet = unet.half().eval()  # float16 on disk; loaded as float32, the export is made from these very weights
 
     target = BUNDLED / args.name
-    shutil.rmtree(target, ignore_errors=True)
+    for regenerated in ("unet", "scheduler", ONNX_SUBFOLDER):  # written anew below; anything else stays
+        shutil.rmtree(target / regenerated, ignore_errors=True)
     pipe = DDPMPaperPipeline(unet=unet, scheduler=paper_scheduler(config["preset"]))
     pipe.save_pretrained(target)
-    for stray in target.glob("*.py"):  # a bundled model is loaded by the installed package, not as remote code
-        stray.unlink()
     match_json_permissions(target)
-    (target / TRAINING_CONFIG_FILE).write_text(json.dumps({**config, "output_dir": str(run)}, indent=1) + "\n")
+    write_json(target / TRAINING_CONFIG_FILE, {**config, "output_dir": str(run)})
     summary = {"step": checkpoint.step, "checkpoint": checkpoint.path.name, "images_seen": checkpoint.step * config["batch_size"],
                "wall_minutes": args.wall_minutes, "command": args.command}
-    (target / TRAINING_RUN_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(target / TRAINING_RUN_FILE, summary)
     report = export_onnx(target, target / "onnx", seed=0)
     print(f"{target}: step {checkpoint.step}, ONNX max abs error {report.max_abs_error:.2e}, "
           f"{sum(p.stat().st_size for p in target.rglob('*') if p.is_file()) / 2**20:.1f} MB")

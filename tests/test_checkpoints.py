@@ -85,6 +85,17 @@ def test_an_extra_file_in_a_checkpoint_is_refused(two_checkpoints):
         load_checkpoint(newer)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", MANIFEST, "trainer_state.json"])
+def test_a_link_to_a_device_in_a_checkpoint_is_refused_without_reading_it(two_checkpoints, name):
+    older, newer = two_checkpoints
+    (newer / name).unlink()
+    (newer / name).symlink_to("/dev/zero")
+    with pytest.raises(CorruptCheckpointError, match=f"{name} is a link"):
+        load_checkpoint(newer)
+    with pytest.warns(UserWarning, match="checkpoint-00000002"):
+        assert load_latest_checkpoint(older.parent).step == 1
+
+
 def test_a_checkpoint_written_before_this_check_still_loads(two_checkpoints):
     """Checkpoints of runs started with earlier versions list exactly these files: they verify and load."""
     _, newer = two_checkpoints

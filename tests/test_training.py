@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ddpm_plugin.checkpoints import list_checkpoints, load_checkpoint, load_latest_checkpoint
+from ddpm_plugin.data import digits_split
 from ddpm_plugin.ema import ExponentialMovingAverage
 from ddpm_plugin.pipelines.diffusion_ops import q_sample
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
@@ -430,7 +431,7 @@ class ImagesWithNaN:
 
 def test_gradient_accumulation_checks_every_micro_batch_for_nan(tmp_path):
     # Step 1 is two micro-batches of 4; NaN in the first one only must stop the run at step 1.
-    first_micro_batch = batch_indices(0, seed=0, num_images=1797, global_batch=4, rank=0, world_size=1)
+    first_micro_batch = batch_indices(0, seed=0, num_images=len(digits_split("train")), global_batch=4, rank=0, world_size=1)
     with pytest.raises(NonFiniteLossError, match="non-finite at step 1;"):
         train(TrainingConfig(**QUICK, output_dir=str(tmp_path), max_steps=3, gradient_accumulation_steps=2),
               dataset=ImagesWithNaN(first_micro_batch))
@@ -453,7 +454,7 @@ def test_gradient_accumulation_logs_the_mean_over_every_micro_batch(tmp_path):
     images = load_image_dataset("digits", 8, 1).images
     with torch.no_grad():
         losses = [float(training_loss(unet, diffusion, to_model_range(images[batch_indices(
-            micro, seed=0, num_images=1797, global_batch=4, rank=0, world_size=1)]), False)) for micro in (0, 1)]
+            micro, seed=0, num_images=len(digits_split("train")), global_batch=4, rank=0, world_size=1)]), False)) for micro in (0, 1)]
     assert abs(losses[0] - losses[1]) > 1e-3  # the test can tell them apart
     assert result.loss == pytest.approx(sum(losses) / 2, rel=1e-6)
 
@@ -502,3 +503,28 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(small_disk):
                                 "partial checkpoint was removed and the previous checkpoint checkpoint-00000002 is intact.")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-00000002"]
     assert load_checkpoint(checkpoints / "checkpoint-00000002").step == 2
+
+
+def test_weights_that_became_non_finite_are_never_saved_and_are_named(tmp_path, capsys):
+    # A step size beyond float32's range is a finite number to the config and infinite to Adam: the loss of step 1
+    # was computed before the update and is finite, the weights after it are not.
+    first = train(TrainingConfig(**QUICK, output_dir=str(tmp_path), max_steps=2))
+    before = folder_snapshot(tmp_path)
+    code, out, err = ddpm_train(capsys, "--output-dir", str(tmp_path), "--max-steps", "3", "--learning-rate", "1e45", "--warmup-steps", "0",
+                                "--resume-from-checkpoint", "latest")
+    assert code == 1 and "Traceback" not in err and err.count("ddpm train: error:") == 1
+    assert "non-finite at step 3" in err and "conv_in.weight" in err and "EMA weights" in err
+    assert "the last good checkpoint is" in err and "checkpoint-00000002" in err
+    after = folder_snapshot(tmp_path)
+    # The checkpoints and the pipeline are those of the good run; only the run's settings were written again.
+    assert {k: v for k, v in after.items() if k != "training_config.json"} == {
+        k: v for k, v in before.items() if k != "training_config.json"}
+    assert first.step == 2
+
+
+def test_non_finite_tensors_are_named():
+    from ddpm_plugin.checkpoints import non_finite_tensors
+
+    tensors = {"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("inf")]),
+               "steps": torch.tensor([3])}
+    assert non_finite_tensors(tensors) == ["b", "c"]
