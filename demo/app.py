@@ -3,8 +3,9 @@
 Run it with `ddpm demo [--model DIR ...]`, or as a Hugging Face Space with `python app.py` (the same flags).
 Requests are queued (`--concurrency` at a time, at most `--queue-size` waiting). Every value reaches the engine
 unchecked by Gradio and is validated there, so a rejected request (a wrong type, NaN, a fraction of a step, an
-unknown model, a file that is not a picture) shows a message in the page and the API, never a traceback.
-Models are chosen by name among the configured folders. Request bodies are bounded and uploads are pictures
+unknown model, a file that is not a picture, too few values) shows a message in the page and the API, never a
+traceback. Models are chosen by name among the configured folders; picture inputs read only this run's uploads,
+whatever path a client names. Request bodies are bounded and uploads are pictures
 within a pixel budget, kept only until the request that uses them ends (`uploads`); each run starts with an
 empty file folder of its own, so the server serves the pictures it generated and, until their request, the
 pictures visitors uploaded, and nothing else.

@@ -155,6 +155,16 @@ def generate(url: str, model: str, **changes) -> Answer:
     return call(url, "generate", [model, *(values[name] for name in names)])
 
 
+def web_get(url: str, path: str) -> Answer:
+    """GET `path` (sent as written, `%2e%2e` included) below the browser page `/web/`."""
+    response = httpx.get(f"{url}/web/{path}", timeout=TIMEOUT)
+    return Answer(response.status_code, response.text[:300] if response.status_code != 200 else "")
+
+
+WEB_ATTACKS = ("%2e%2e/%2e%2e/%2e%2e/etc/passwd", "model/scheduler/scheduler_config.json", "model/%2e%2e/%2e%2e/app.py",
+               "..%2f..%2fsite.py")
+
+
 def too_few_arguments(url: str, model: str) -> Answer:
     return call(url, "generate", [model])
 
@@ -178,6 +188,7 @@ def main(url: str, model: str, workdir: Path) -> None:
         "too few arguments to /generate": lambda: too_few_arguments(url, model),
         **{f"{name} to /bits_per_dim": (lambda p=picture: picture_call(url, model, "bits_per_dim", p))
            for name, picture in pictures.items()},
+        **{f"GET /web/{path}": (lambda p=path: web_get(url, p)) for path in WEB_ATTACKS},
     }
     print("| attack | status | answer |\n|---|---:|---|")
     for name, attack in attacks.items():

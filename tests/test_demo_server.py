@@ -1,8 +1,9 @@
 """The demo as users meet it: `ddpm demo` in a subprocess on a free loopback port, driven through its named
 API with `gradio_client`, attacked (`demo_attacks.py`: decompression bombs, junk uploads, oversized bodies, wrong
-types), loaded by 40 concurrent clients, and clicked through in headless Debian Chromium.
+types, server paths as pictures, too few values, paths out of `/web/`), loaded by 50 concurrent clients, and
+clicked through in headless Debian Chromium.
 
-One server serves the whole module: the tiny test pipeline (fast) and, when it is installed, the bundled digits
+One server serves the whole module: the tiny test pipeline (fast) and, when it is installed, the bundled MNIST
 model. The browser test skips only where Debian's `chromium` package is missing.
 """
 
@@ -41,7 +42,7 @@ CHROMIUM_FLAGS = [
 ]
 MAX_IMAGES = 8  # the server's --max-images
 STARTUP_SECONDS = 600  # two shared (and often busy) cores: imports, loading, and the ONNX export of each model
-LOAD_CLIENTS = 40
+LOAD_CLIENTS = 50
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DemoServer:
     url: str
     process: subprocess.Popen
     models: list[str]
-    backend: str  # the page's default backend
+    backend: str  # the tiny pipeline's first backend: the page's default where the pipeline runs on it
     tiny_dir: Path
     log: Path  # the server's stdout and stderr
     files: Path  # GRADIO_TEMP_DIR, under which each run makes its own file folder
@@ -108,8 +109,9 @@ def demo_server(tiny_pipeline_dir, tmp_path_factory, free_port) -> DemoServer:
                                      "--concurrency", "2", "--queue-size", "64", "--threads", "1")
     try:
         description = gradio_client.Client(url, verbose=False).predict(api_name="/models")
-        yield DemoServer(url, process, list(description["models"]), description["backends"][0], tiny_pipeline_dir,
-                         log, root / "gradio")
+        onnx = description["models"]["pipeline"]["onnxruntime"] == "available"
+        yield DemoServer(url, process, list(description["models"]), description["backends"][0] if onnx else "pytorch",
+                         tiny_pipeline_dir, log, root / "gradio")
     finally:
         stop_server(process)
 
@@ -379,14 +381,17 @@ def test_a_link_or_special_file_in_a_served_model_folder_stops_the_demo_at_start
     assert "Traceback" not in done.stderr
 
 
-# --- Load: 40 concurrent clients, a third of them hostile. ---
+# --- Load: 50 concurrent clients, 24 of them hostile. ---
 
 
-def load_plan(url: str, backend: str, bomb: bytes) -> list[tuple[str, bool, object]]:
-    """(kind, valid, request) for each of the 40 clients."""
+def load_plan(url: str, backend: str, bomb: bytes, pictures: dict[str, object]) -> list[tuple[str, bool, object]]:
+    """(kind, valid, request) for each of the 50 clients."""
     plan: list[tuple[str, bool, object]] = []
     for k in range(16):
         plan.append(("generate", True, lambda k=k: attacks.generate(url, "pipeline", backend=backend, seed=k % 4)))
+    plan.append(("GET /web/", True, lambda: attacks.web_get(url, "")))
+    plan.append(("GET /web/model/diffusion_coefficients.json", True,
+                 lambda: attacks.web_get(url, "model/diffusion_coefficients.json")))
     for k in range(8):
         plan.append(("bits/dim of an upload", True,
                      lambda k=k: attacks.bits_per_dim_of_upload(url, "pipeline", attacks.small_picture(seed=k))))
@@ -399,23 +404,35 @@ def load_plan(url: str, backend: str, bomb: bytes) -> list[tuple[str, bool, obje
     plan.append(("three 1.9 MB files", False, lambda: attacks.upload(url, {f"{k}.png": b"\0" * 1_990_000 for k in range(3)})))
     plan.append(("steps NaN", False, lambda: attacks.generate(url, "pipeline", backend=backend, steps=float("nan"))))
     plan.append(("seed 'abc'", False, lambda: attacks.generate(url, "pipeline", backend=backend, seed="abc")))
+    plan.append(("too few values to /generate", False, lambda: attacks.too_few_arguments(url, "pipeline")))
+    for name, api_name in (("absolute picture", "bits_per_dim"), ("relative picture", "interpolate"),
+                           ("/etc/shadow (tagged)", "bits_per_dim")):
+        plan.append((f"server path as a picture ({name})", False,
+                     lambda n=name, a=api_name: attacks.picture_call(url, "pipeline", a, pictures[n])))
+    for path in attacks.WEB_ATTACKS:
+        plan.append((f"GET /web/{path}", False, lambda p=path: attacks.web_get(url, p)))
     assert len(plan) == LOAD_CLIENTS
     return plan
 
 
 REFUSALS = ("is not a picture", "pixels; the demo takes pictures of at most", "Request body too large",
-            "must be a whole number")
+            "must be a whole number", NOT_AN_UPLOAD.format(name="Image"), NOT_AN_UPLOAD.format(name="Image A"),
+            "/generate takes 8 values", "Not found", "Not Found")
+# Nothing of the server's files may show in a refusal: its folders, a file's content, a secret's name.
+REVEALING = ("/tmp", "/etc", "root:", "secret", str(Path(__file__).resolve().parent.parent))
 
 
 @pytest.mark.slow
-def test_forty_clients_with_bombs_and_junk_all_answered_and_memory_stays_bounded(demo_server, bomb, test_output_dir):
+def test_many_clients_with_bombs_junk_and_server_paths_all_answered_and_memory_stays_bounded(
+    demo_server, bomb, server_pictures, test_output_dir
+):
     server = psutil.Process(demo_server.process.pid)
     url, backend = demo_server.url, demo_server.backend
     attacks.generate(url, "pipeline", backend=backend)  # warm-up: both model endpoints once
     attacks.bits_per_dim_of_upload(url, "pipeline", attacks.small_picture(seed=99))
     idle_rss = peak_rss = server.memory_info().rss
     logged = demo_server.log.stat().st_size  # earlier tests' refused attacks may have logged gradio's own refusal
-    plan = load_plan(url, backend, bomb)
+    plan = load_plan(url, backend, bomb, server_pictures)
     done = threading.Event()
 
     def watch_memory() -> None:
@@ -452,8 +469,9 @@ def test_forty_clients_with_bombs_and_junk_all_answered_and_memory_stays_bounded
                 image = httpx.get(gallery[0]["image"]["url"]).content
                 pictures.setdefault(k % 4, []).append(load_png(image).tobytes())  # the seed of client k
         else:
-            assert final.status in (400, 413, 415), (kind, final)
+            assert final.status in (400, 404, 413, 415), (kind, final)
             assert any(refusal in final.text for refusal in REFUSALS), (kind, final)
+            assert not any(revealing in final.text for revealing in REVEALING), (kind, final)
         rows.append((kind, valid, final.status, seconds))
     assert all(len(set(same_seed)) == 1 for same_seed in pictures.values())  # equal seeds, equal pictures
     assert peak_rss <= 1.5 * idle_rss, (idle_rss, peak_rss)
