@@ -64,11 +64,9 @@ class OnnxUNet(StandInUNet):
 
     def __init__(self, folder: Path, config: Any, threads: int) -> None:
         super().__init__()
-        import onnxruntime as ort
+        from ddpm_plugin.export.sampler import open_sampler
 
-        from ddpm_plugin.export.providers import CPU, session_options
-
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), session_options(threads), providers=[CPU])
+        self.session = open_sampler(folder, "onnxruntime", num_threads=threads, progress_bar=False).pipe.session
         self.config = config
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> Any:
@@ -77,30 +75,6 @@ class OnnxUNet(StandInUNet):
         timestep = torch.as_tensor(timestep, dtype=torch.int64).expand(sample.shape[0]).contiguous()
         feeds = {"sample": sample.detach().float().contiguous().numpy(), "timestep": timestep.numpy()}
         return UNet2DOutput(sample=torch.from_numpy(self.session.run(None, feeds)[0]))
-
-
-class Float32BelowT(StandInUNet):
-    """eps_theta per element: `reduced` (under `reduced_context`) where t >= `below_t`, `full` in float32 with
-    autocast off where t < `below_t`. The bound's batches mix t, so the split is per element."""
-
-    def __init__(self, reduced: Any, full: Any, below_t: int, reduced_context: Any = contextlib.nullcontext) -> None:
-        super().__init__()
-        self.reduced, self.full, self.below_t, self.reduced_context = reduced, full, below_t, reduced_context
-        self.config = full.config
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> Any:
-        from diffusers.models.unets.unet_2d import UNet2DOutput
-
-        t = torch.as_tensor(timestep, dtype=torch.int64).expand(sample.shape[0])
-        low = t < self.below_t
-        eps = torch.empty(sample.shape, dtype=torch.float32)
-        if bool((~low).any()):
-            with self.reduced_context():
-                eps[~low] = self.reduced(sample[~low].to(self.reduced.dtype), t[~low]).sample.float()
-        if bool(low.any()):
-            with torch.autocast("cpu", enabled=False):
-                eps[low] = self.full(sample[low].float(), t[low]).sample.float()
-        return UNet2DOutput(sample=eps)
 
 
 def scheduled_name(name: str, below_t: int) -> str:
@@ -122,33 +96,29 @@ def runtime_reference(name: str) -> str:
     return "onnx-fp32" if name.startswith("onnx-") else "pytorch-fp32"
 
 
-def load_precision(name: str, model: Path, onnx_folders: dict[str, Path], threads: int) -> tuple[Any, Any]:
-    """(pipeline, context manager factory) of the precision `name` (of `precision_names`)."""
+def load_precision(name: str, model: Path, onnx_folders: dict[str, Path], threads: int) -> tuple[Any, Any, int]:
+    """(pipeline, context manager factory, float32_below_t) of the precision `name` (of `precision_names`). The
+    time-step-aware rows run as `DDPMPaperPipeline(..., float32_below_t=N)` samples (`predict_eps`); an ONNX
+    pipeline's float32 network is the float32 export."""
     from ddpm_plugin import DDPMPaperPipeline
 
-    if "+fp32-below-t" in name:
-        base, below_t = name.split("+fp32-below-t")
-        pipe, context = load_precision(base, model, onnx_folders, threads)
-        if base in ONNX_PRECISIONS:
-            full = OnnxUNet(onnx_folders["onnx-fp32"], pipe.unet.config, threads)
-        else:  # as `DDPMPaperPipeline.predict_eps`: the network itself, or a float32 copy of bf16 weights
-            full = pipe.float32_network()
-        scheduled = DDPMPaperPipeline(unet=Float32BelowT(pipe.unet, full, int(below_t), context), scheduler=pipe.scheduler)
-        scheduled.set_progress_bar_config(disable=True)
-        return scheduled, contextlib.nullcontext
-    if name == "pytorch-bf16-dtype":
+    base, _, below_t = name.partition("+fp32-below-t")
+    if base == "pytorch-bf16-dtype":
         pipe, context = DDPMPaperPipeline.from_pretrained(model, torch_dtype=torch.bfloat16), contextlib.nullcontext
     else:
         pipe, context = DDPMPaperPipeline.from_pretrained(model), contextlib.nullcontext
-    if name == "pytorch-bf16-autocast":
+    if base == "pytorch-bf16-autocast":
         context = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    if name in ONNX_PRECISIONS:
-        pipe = DDPMPaperPipeline(unet=OnnxUNet(onnx_folders[name], pipe.unet.config, threads), scheduler=pipe.scheduler)
+    if base in ONNX_PRECISIONS:
+        onnx_pipe = DDPMPaperPipeline(unet=OnnxUNet(onnx_folders[base], pipe.unet.config, threads), scheduler=pipe.scheduler)
+        float32 = OnnxUNet(onnx_folders["onnx-fp32"], pipe.unet.config, threads) if below_t else onnx_pipe.unet
+        onnx_pipe.float32_network = lambda: float32  # the float32 graph, where `predict_eps` asks for float32
+        pipe = onnx_pipe
     pipe.set_progress_bar_config(disable=True)
-    return pipe, context
+    return pipe, context, int(below_t or 0)
 
 
-def samples(pipe: Any, context: Any, latents: torch.Tensor, steps: int, scheduler: str) -> np.ndarray:
+def samples(pipe: Any, context: Any, below_t: int, latents: torch.Tensor, steps: int, scheduler: str) -> np.ndarray:
     """uint8 samples from the x_T `latents`; DDPM's per-step noise from one seed."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -157,7 +127,7 @@ def samples(pipe: Any, context: Any, latents: torch.Tensor, steps: int, schedule
     try:
         with context(), torch.no_grad():
             images = pipe(batch_size=len(latents), num_inference_steps=steps, latents=latents.clone(),
-                          generator=torch.manual_seed(1), output_type="np").images
+                          generator=torch.manual_seed(1), output_type="np", float32_below_t=below_t).images
     finally:
         pipe.scheduler = original
     return np.round(np.asarray(images, dtype=np.float64) * 255).astype(np.uint8)
@@ -254,17 +224,18 @@ def main() -> None:
         latents = torch.randn((max(args.samples, ddpm_samples), *shape), generator=torch.manual_seed(0))
         # Each measure for every precision before the next measure: bits/dim, DDIM, then DDPM (the slowest).
         for measure, steps in measures:
-            for name, (pipe, context) in pipes.items():
+            for name, (pipe, context, below_t) in pipes.items():
                 path = rows_dir / f"{name}.{measure}.npy"
                 if path.is_file():
                     continue
                 if measure == "bpd":
                     with context(), torch.no_grad():
-                        bound = pipe.bits_per_dim(images, batch_size=256, generator=torch.manual_seed(0))
+                        bound = pipe.bits_per_dim(images, batch_size=256, generator=torch.manual_seed(0),
+                                                  float32_below_t=below_t)
                     result = np.array(float(bound.total_bpd.mean()))
                 else:
                     n = args.samples if measure == "ddim" else ddpm_samples
-                    result = samples(pipe, context, latents[:n], steps, measure)
+                    result = samples(pipe, context, below_t, latents[:n], steps, measure)
                 np.save(path, result)
                 print(f"# {name} {measure}: done at {time.perf_counter() - started:.0f} s", flush=True)
     report = make_report(rows_dir, names, settings, shape, threads)

@@ -9,11 +9,6 @@ Backends (one process each: torch and onnxruntime in one process oversubscribe t
   diffusers' CPU advice has it, with `--paper-bf16 dtype-channels-last`);
 - `onnx-dynamo`, `onnx-torchscript`: `OnnxDDPMPipeline` on the float32 graphs of the two exporters;
 - `onnx-int8`: `OnnxDDPMPipeline` on `ddpm export --quantize int8`'s graph;
-- with `--onnx-variants`, the ONNX backends again with one session setting changed, as rows of their own
-  (`onnx-int8+threads1`: one intra-op thread; `+spinning`: idle intra-op threads spin instead of sleeping;
-  `+spin100us`: they spin for at most 100 microseconds, then sleep;
-  `+extended`: graph optimisations up to ORT_ENABLE_EXTENDED, without the NCHWc layout and its reorder nodes),
-  so a per-step lever is judged against the spread of the same interleaved run.
 
 How the numbers are made trustworthy:
 
@@ -63,8 +58,6 @@ ONNX_FOLDERS = {"onnx-dynamo": "onnx", "onnx-torchscript": "onnx-torchscript", "
 INSTRUCTION_SETS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
                     "amx_tile", "amx_bf16", "amx_int8")
 MATMUL_SIZE = 2048
-# One session setting changed from `session_options`'s, for the per-step levers of small graphs.
-ONNX_VARIANTS = ("threads1", "spinning", "spin100us", "extended")
 
 
 @dataclass(frozen=True)
@@ -139,44 +132,11 @@ def cpu_name() -> str:
 # --- Workers: one backend in its own process, told over stdin when to run. ---
 
 
-def backend_variant(backend: str) -> tuple[str, str | None]:
-    """(`BACKENDS` entry, `ONNX_VARIANTS` entry or None) of a row name such as `onnx-int8+threads1`."""
-    base, _, variant = backend.partition("+")
-    if base not in BACKENDS or (variant and (variant not in ONNX_VARIANTS or base not in ONNX_FOLDERS)):
-        raise ValueError(f"unknown backend {backend!r}: one of {BACKENDS}, an ONNX one with +{'|+'.join(ONNX_VARIANTS)}.")
-    return base, variant or None
-
-
-def load_onnx_pipeline(folder: Path, threads: int, variant: str | None):
-    """`OnnxDDPMPipeline` on CPU with `session_options(threads)`, changed as `variant` says."""
-    import onnxruntime as ort
-
-    from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
-    from ddpm_plugin.export.providers import CPU, session_options
-    from ddpm_plugin.vocabulary import ONNX_FLOAT32_MODEL_FILE, ONNX_MODEL_FILE
-
-    pipe = OnnxDDPMPipeline.from_pretrained(folder, provider="cpu", num_threads=threads)
-    if variant is None:
-        return pipe
-    options = session_options(1 if variant == "threads1" else threads)
-    if variant in ("spinning", "spin100us"):
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    if variant == "spin100us":
-        options.add_session_config_entry("session.intra_op.spin_duration_us", "100")
-    if variant == "extended":
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    session = ort.InferenceSession(str(folder / ONNX_MODEL_FILE), options, providers=[CPU])
-    float32_session = None
-    if pipe.float32_session is not None:  # an int8 export's float32 graph (t < float32_below_t), same options
-        float32_file = pipe.metadata.get("float32_model_file", ONNX_FLOAT32_MODEL_FILE)
-        float32_session = ort.InferenceSession(str(folder / float32_file), options, providers=[CPU])
-    return OnnxDDPMPipeline(session, pipe.scheduler_config, pipe.metadata, float32_session=float32_session)
-
-
 def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads: int, paper_bf16: str) -> Callable[[], None]:
-    base, variant = backend_variant(backend)
-    if base.startswith("onnx"):
-        pipe = load_onnx_pipeline(model / ONNX_FOLDERS[base], threads, variant)
+    if backend.startswith("onnx"):
+        from ddpm_plugin.export.sampler import open_sampler
+
+        pipe = open_sampler(model / ONNX_FOLDERS[backend], "onnxruntime", num_threads=threads, progress_bar=False).pipe
         return lambda: pipe(batch_size=batch_size, num_inference_steps=steps, seed=0, progress_bar=False)
 
     import contextlib
@@ -188,7 +148,7 @@ def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads
         from diffusers import DDPMPipeline as pipeline_class
     else:
         from ddpm_plugin import DDPMPaperPipeline as pipeline_class
-    bf16 = PRECISION[base] == "bf16"
+    bf16 = PRECISION[backend] == "bf16"
     by_dtype = bf16 and backend.startswith("paper") and paper_bf16.startswith("dtype")
     pipe = pipeline_class.from_pretrained(model, **({"torch_dtype": torch.bfloat16} if by_dtype else {}))
     if by_dtype and paper_bf16 == "dtype-channels-last":
@@ -375,7 +335,7 @@ def table_rows(case: Case, results: dict[str, dict], gflop_per_image_step: float
         wall, cpu = result["wall"], result["cpu"]
         speedups = [f"{results[baseline]['wall'].median / wall.median:.2f}x" for baseline in BASELINES]
         rate = gflop_per_image_step * case.batch_size * case.num_inference_steps / wall.median
-        precision = PRECISION[backend_variant(backend)[0]]
+        precision = PRECISION[backend]
         peak = roofline[precision].median
         step = wall.scaled(per_step)
         rows.append([
@@ -411,8 +371,6 @@ def main() -> None:
                         help="layer groups the int8 exports keep in float32, comma-separated (default: ddpm export's)")
     parser.add_argument("--int8-budget", type=float, default=None,
                         help="quality budget of the int8 exports of trained models (default: ddpm export's)")
-    parser.add_argument("--onnx-variants", default="",
-                        help=f"also time the ONNX backends with one session setting changed: {', '.join(ONNX_VARIANTS)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
@@ -424,10 +382,6 @@ def main() -> None:
         return run_worker(args)
     if args.repeats < MIN_REPEATS:
         parser.error(f"--repeats must be at least {MIN_REPEATS}, got {args.repeats}")
-    variants = [variant for variant in args.onnx_variants.split(",") if variant]
-    if set(variants) - set(ONNX_VARIANTS):
-        parser.error(f"--onnx-variants takes {', '.join(ONNX_VARIANTS)}, got {args.onnx_variants!r}")
-    backends = [*BACKENDS, *(f"{base}+{variant}" for variant in variants for base in ("onnx-dynamo", "onnx-int8"))]
 
     from ddpm_plugin.export.providers import physical_cpu_count
 
@@ -449,7 +403,7 @@ def main() -> None:
         # GFLOP/s is a rate, so the roofline's "median" of two is their mean; rows use it as the peak.
         for case in cases:
             path, gflop = models[case.model]
-            results = measure_case(case, path, threads, args.repeats, args.paper_bf16, backends)
+            results = measure_case(case, path, threads, args.repeats, args.paper_bf16, BACKENDS)
             for backend, result in results.items():
                 step = result["wall"].scaled(1000 / case.num_inference_steps)
                 print(f"# {case} {backend}: {step.minimum:.2f} / {step.median:.2f} / {step.maximum:.2f} ms/step", flush=True)

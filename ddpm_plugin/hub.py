@@ -34,7 +34,9 @@ from typing import Callable, Iterable, Iterator
 
 from . import __version__
 from .model_card import load_evaluation_report, load_training_config, model_card
-from .sampling import load_pipeline, sample_grid
+from .bundled import resolve_model
+from .images import make_grid
+from .sampling import ImageSampler
 from .vocabulary import (
     ONNX_FLOAT32_MODEL_FILE,
     ONNX_METADATA_FILE,
@@ -112,12 +114,12 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def find_pipeline_folder(model_dir: str | os.PathLike) -> Path:
-    """`model_dir` if it is a pipeline folder, else the `pipeline/` folder of a `ddpm train` run folder."""
-    folder = Path(model_dir)
-    for candidate in (folder, folder / "pipeline"):
-        if (candidate / "model_index.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json) nor a training run with one.")
+    """`model_dir` if it is a pipeline folder, else the `pipeline/` folder of a `ddpm train` run folder
+    ([`resolve_model`])."""
+    folder = resolve_model(model_dir)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a pipeline folder (no model_index.json) nor a training run with one.")
+    return folder
 
 
 def pipeline_files(model_dir: str | os.PathLike) -> dict[str, Path]:
@@ -228,8 +230,7 @@ def build_hub_folder(
     *,
     report: str | os.PathLike | None = None,
     grid: str | os.PathLike | None = None,
-    grid_steps: int = 1000,
-    seed: int = 0,
+    sampler: ImageSampler | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> list[str]:
     r"""
@@ -249,11 +250,10 @@ def build_hub_folder(
         report (`str` or `os.PathLike`, *optional*):
             An evaluation report JSON; defaults to `model_dir/evaluation/report.json` when present.
         grid (`str` or `os.PathLike`, *optional*):
-            A PNG to publish as the sample grid. When not given, `GRID_IMAGES` samples are drawn.
-        grid_steps (`int`, *optional*, defaults to 1000):
-            Denoising steps for the drawn grid.
-        seed (`int`, *optional*, defaults to 0):
-            Seed for the drawn grid.
+            A PNG to publish as the sample grid.
+        sampler ([`ImageSampler`], *optional*):
+            Draws the grid's `GRID_IMAGES` samples when no `grid` is given (`ddpm push` opens it with
+            `ddpm_plugin.export.sampler.open_sampler`: the model's ONNX export when it has one).
         announce (`Callable[[str], None]`, *optional*):
             Called with a line before the long steps (sampling the grid), once the checks have passed.
 
@@ -261,8 +261,6 @@ def build_hub_folder(
         `list[str]`: the repository paths written, sorted.
     """
     check_repo_id(repo_id)
-    if isinstance(grid_steps, bool) or not isinstance(grid_steps, int) or grid_steps < 1:
-        raise ValueError(f"`grid_steps` must be a positive whole number, got {grid_steps!r}.")
     output = Path(output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} is not empty; the Hub-ready folder needs a fresh one.")
@@ -271,8 +269,11 @@ def build_hub_folder(
     report = load_evaluation_report(model_dir, report)
     if grid is not None:
         check_grid(grid)
+    elif sampler is None:
+        raise ValueError("the card needs a sample grid: give `grid` (a PNG) or `sampler`.")
     elif announce is not None:
-        announce(f"sampling the card's grid with {grid_steps} steps (a --grid PNG reuses an image instead)")
+        announce(f"sampling the card's grid with {sampler.num_inference_steps} steps on {sampler.backend} "
+                 "(a --grid PNG reuses an image instead)")
     for name, source in files.items():
         (output / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, output / name)
@@ -282,8 +283,12 @@ def build_hub_folder(
         shutil.copyfile(grid, output / GRID_FILE)
         caption = f"Samples from this pipeline ({Path(grid).name})."
     else:
-        sample_grid(load_pipeline(model_dir), GRID_IMAGES, grid_steps, seed, GRID_TILE_PIXELS).save(output / GRID_FILE)
-        caption = f"{GRID_IMAGES} samples, seed {seed}, {grid_steps} ancestral sampling steps (Algorithm 2)."
+        images = sampler(0, GRID_IMAGES)
+        make_grid(images, scale=max(1, GRID_TILE_PIXELS // images.shape[1])).save(output / GRID_FILE)
+        steps = (f"{sampler.num_inference_steps} ancestral sampling steps (Algorithm 2)" if sampler.scheduler == "ddpm"
+                 else f"{sampler.num_inference_steps} DDIM steps (eta {sampler.eta})")
+        runtime = "ONNX Runtime" if sampler.backend == "onnxruntime" else "PyTorch"
+        caption = f"{GRID_IMAGES} samples, seed {sampler.seed}, {steps}, on {runtime}."
     card = model_card(
         model_dir, repo_id,
         report=report,

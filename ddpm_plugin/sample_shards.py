@@ -36,8 +36,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from .pipelines.gaussian_diffusion import GaussianDiffusion
-from .sampling import default_backend, load_image_sampler
+from .sampling import ImageSampler
 from .trust import (
     TEMP_SUFFIX,
     UntrustedInputError,
@@ -47,11 +46,10 @@ from .trust import (
     read_bytes,
     read_json,
     regular_file,
-    regular_files,
     write_atomically,
     write_json,
 )
-from .vocabulary import ONNX_METADATA_FILE, ONNX_SUBFOLDER, SCHEDULER_CONFIG, Backend, Sampler
+from .vocabulary import Backend, Sampler
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -65,7 +63,7 @@ class SampleRun:
     """Everything that decides a run's images; a folder holds exactly one."""
 
     files: dict[str, str]  # every file the backend loads, relative to the model folder, with its SHA-256
-    schedule: dict[str, Any]  # the resolved training schedule (see `resolved_schedule`)
+    schedule: dict[str, Any]  # the resolved training schedule (see `sampling.resolved_schedule`)
     precision: str  # of the network the backend runs
     backend: Backend
     scheduler: Sampler
@@ -113,59 +111,6 @@ def process_state(device: str | None = None) -> Any:
             f"ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N."
         )
     return state
-
-
-def loaded_files(model: str | os.PathLike, backend: Backend) -> dict[str, str]:
-    """SHA-256 of every file `backend` may load from the pipeline folder `model`, by path relative to it: the
-    pipeline's `model_index.json`, `scheduler/` and `unet/` for PyTorch; the export folder (the metadata, every
-    graph and data file, its scheduler configuration) and `model_index.json` for ONNX Runtime. Regular files only:
-    a link or a device is refused before anything is read."""
-    model = Path(model)
-    if backend == "onnxruntime":
-        folders = [model if (model / ONNX_METADATA_FILE).is_file() else model / ONNX_SUBFOLDER]
-    else:
-        folders = [model / "scheduler", model / "unet"]
-    paths = [regular_file(model, "model_index.json")] if (model / "model_index.json").exists() else []
-    for folder in folders:
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{model} holds no {folder.name}/ folder for the {backend} backend.")
-        paths += list(regular_files(folder))
-    return {path.relative_to(model).as_posix() or path.name: file_sha256(path) for path in paths}
-
-
-def scheduler_config_of(model: str | os.PathLike, files: dict[str, str]) -> Path:
-    """The scheduler configuration among the files a backend loads."""
-    for name in files:
-        if name.endswith(SCHEDULER_CONFIG):
-            return Path(model) / name
-    raise FileNotFoundError(f"{model} holds no {SCHEDULER_CONFIG}.")
-
-
-def resolved_schedule(scheduler_config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a scheduler configuration that decide the images, with diffusers' defaults filled in, and the
-    SHA-256 of the float64 betas they give."""
-    betas = GaussianDiffusion.from_config(scheduler_config).betas
-    return {
-        "num_train_timesteps": int(betas.shape[0]),
-        "betas_sha256": hashlib.sha256(np.ascontiguousarray(betas, dtype="<f8").tobytes()).hexdigest(),
-        "variance_type": scheduler_config.get("variance_type", "fixed_small"),
-        "clip_sample": scheduler_config.get("clip_sample", True),
-        "clip_sample_range": scheduler_config.get("clip_sample_range", 1.0),
-        "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
-        "timestep_spacing": scheduler_config.get("timestep_spacing", "leading"),
-        "steps_offset": scheduler_config.get("steps_offset", 0),
-    }
-
-
-def sampler_precision(sampler: Any) -> str:
-    """The precision of the network a sampler runs: the PyTorch weights' dtype, or the ONNX export's precision
-    (with the t below which an int8 export runs its float32 graph)."""
-    if sampler.backend == "pytorch":
-        return str(sampler.pipe.unet.dtype).removeprefix("torch.")
-    metadata = sampler.pipe.metadata
-    precision = str(metadata.get("precision") or ("fp16" if metadata.get("fp16") else "fp32"))
-    below = getattr(sampler.pipe, "float32_below_t", 0)
-    return f"{precision}, float32 below t={below}" if below else precision
 
 
 def run_id(run: SampleRun) -> str:
@@ -308,33 +253,23 @@ def complete_manifest(output_dir: Path, manifest: dict[str, Any], run: SampleRun
 
 
 def sample_to_shards(
-    model: str | os.PathLike,
+    sampler: ImageSampler,
     output_dir: str | os.PathLike,
     num_images: int,
     batch_size: int = 64,
-    num_inference_steps: int = 1000,
-    scheduler: Sampler = "ddpm",
-    eta: float = 0.0,
-    seed: int = 0,
-    backend: Backend | None = None,
-    device: str | None = None,
+    state: Any = None,
 ) -> dict[str, Any]:
     r"""
-    Draw `num_images` images of the pipeline folder `model` into `.npz` shards and a manifest in `output_dir`,
-    resuming what a previous run with the same arguments left. Call it in every process of `accelerate launch`.
+    Draw `num_images` images with `sampler` into `.npz` shards and a manifest in `output_dir`, resuming what a
+    previous run with the same sampler left. Call it in every process of `accelerate launch`.
 
     Args:
-        model (`str` or `os.PathLike`): The pipeline folder.
+        sampler ([`ImageSampler`]): From `ddpm_plugin.export.sampler.open_sampler`; its loaded files, schedule,
+            sampler, steps, eta, seed, backend and precision are the run's identity.
         output_dir (`str` or `os.PathLike`): The sample folder (created; shared by all processes).
         num_images (`int`): The number of images.
         batch_size (`int`, *optional*, defaults to 64): Images per batch and per shard.
-        num_inference_steps (`int`, *optional*, defaults to 1000): Denoising steps (the paper: 1000).
-        scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` or `"ddim"`.
-        eta (`float`, *optional*, defaults to 0.0): DDIM's stochasticity.
-        seed (`int`, *optional*, defaults to 0): The run's seed; image i depends on (seed, i) only.
-        backend (`str`, *optional*): `"onnxruntime"` or `"pytorch"`; defaults to ONNX Runtime when the folder
-            carries an export.
-        device (`str`, *optional*): `"cpu"` or `"cuda"`; defaults to each process's Accelerate device.
+        state (*optional*): The processes ([`process_state`]); defaults to `process_state()`.
 
     Returns:
         `dict`: the manifest (on every process; only the main process writes it).
@@ -342,20 +277,16 @@ def sample_to_shards(
     for name, value in (("num_images", num_images), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    state = process_state(device)
-    torch_device = str(getattr(state, "device", device or "cpu"))
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None  # accelerate launch sets it per process
-    backend = backend or default_backend(model)
-    files = loaded_files(model, backend)  # before loading: a link or a device is refused, never read
-    sampler = load_image_sampler(model, backend, scheduler, num_inference_steps, eta, seed, device=torch_device,
-                                 num_threads=threads, progress_bar=state.is_main_process)
+    if sampler.loaded is None:
+        raise ValueError("`sampler` must say what it loaded: open it with ddpm_plugin.export.sampler.open_sampler.")
+    state = state or process_state()
     channels, height, width = sampler.image_shape
-    run = SampleRun(files, resolved_schedule(read_json(scheduler_config_of(model, files))), sampler_precision(sampler),
-                    sampler.backend, scheduler, num_inference_steps, float(eta), seed, num_images, batch_size,
-                    (height, width, channels))
+    run = SampleRun(sampler.loaded.files, sampler.loaded.schedule, sampler.precision, sampler.backend,
+                    sampler.scheduler, sampler.num_inference_steps, float(sampler.eta), sampler.seed, num_images,
+                    batch_size, (height, width, channels))
     output_dir = Path(output_dir)
     resuming = check_folder_holds_run(output_dir, run)
-    manifest = {"format_version": FORMAT_VERSION, "model": str(Path(model).resolve()), "run": run_as_json(run),
+    manifest = {"format_version": FORMAT_VERSION, "model": str(sampler.loaded.model), "run": run_as_json(run),
                 "complete": False}
     state.wait_for_everyone()  # all have checked the folder before the main process changes it
     if state.is_main_process:

@@ -7,10 +7,12 @@ The PyTorch and ONNX Runtime backends draw their streams with different generato
 the same seed gives different, equally distributed, images on the two.
 
 Torch and diffusers are imported only by the PyTorch backend: ONNX Runtime sampling works without torch.
+`ddpm_plugin.export.sampler.open_sampler` opens either backend.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +23,16 @@ from PIL import Image
 
 from .images import make_grid, to_uint8
 from .model_folder import check_pipeline_folder
+from .pipelines.gaussian_diffusion import GaussianDiffusion
+from .trust import file_sha256, read_json, regular_file, regular_files
 from .vocabulary import (
-    BACKENDS,
     ONNX_METADATA_FILE,
     ONNX_SUBFOLDER,
+    SCHEDULER_CONFIG,
     Backend,
     Sampler,
     VarianceType,
     check_sampler,
-    check_steps,
 )
 
 if TYPE_CHECKING:
@@ -137,11 +140,64 @@ class PerImageNoise:
         return np.stack([generator.standard_normal(shape[1:], dtype=dtype) for generator in self.generators])
 
 
+@dataclass(frozen=True)
+class LoadedFiles:
+    """What a sampler loaded from its model folder."""
+
+    model: Path  # the pipeline or export folder
+    files: dict[str, str]  # every file the backend loads, relative to `model`, with its SHA-256
+    schedule: dict[str, Any]  # the resolved training schedule ([`resolved_schedule`])
+
+
+def loaded_files(model: str | os.PathLike, backend: Backend) -> LoadedFiles:
+    """SHA-256 of every file `backend` may load from the pipeline folder `model`, by path relative to it, and the
+    resolved schedule of its scheduler configuration: the pipeline's `model_index.json`, `scheduler/` and `unet/`
+    for PyTorch; the export folder (the metadata, every graph and data file, its scheduler configuration) and
+    `model_index.json` for ONNX Runtime. Regular files only: a link or a device is refused before anything is read."""
+    model = Path(model)
+    if backend == "onnxruntime":
+        folders = [model if (model / ONNX_METADATA_FILE).is_file() else model / ONNX_SUBFOLDER]
+    else:
+        folders = [model / "scheduler", model / "unet"]
+    paths = [regular_file(model, "model_index.json")] if (model / "model_index.json").exists() else []
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{model} holds no {folder.name}/ folder for the {backend} backend.")
+        paths += list(regular_files(folder))
+    files = {path.relative_to(model).as_posix() or path.name: file_sha256(path) for path in paths}
+    configs = [name for name in files if name.endswith(SCHEDULER_CONFIG)]
+    if not configs:
+        raise FileNotFoundError(f"{model} holds no {SCHEDULER_CONFIG}.")
+    return LoadedFiles(model.resolve(), files, resolved_schedule(read_json(model / configs[0])))
+
+
+def resolved_schedule(scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a scheduler configuration that decide the images, with diffusers' defaults filled in, and the
+    SHA-256 of the float64 betas they give."""
+    betas = GaussianDiffusion.from_config(scheduler_config).betas
+    return {
+        "num_train_timesteps": int(betas.shape[0]),
+        "betas_sha256": hashlib.sha256(np.ascontiguousarray(betas, dtype="<f8").tobytes()).hexdigest(),
+        "variance_type": scheduler_config.get("variance_type", "fixed_small"),
+        "clip_sample": scheduler_config.get("clip_sample", True),
+        "clip_sample_range": scheduler_config.get("clip_sample_range", 1.0),
+        "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
+        "timestep_spacing": scheduler_config.get("timestep_spacing", "leading"),
+        "steps_offset": scheduler_config.get("steps_offset", 0),
+    }
+
+
 class ImageSampler(Protocol):
-    """Draws images start..start+count-1 of a run as uint8 NHWC."""
+    """Draws images start..start+count-1 of a run as uint8 NHWC, and says what it runs."""
 
     backend: Backend
+    scheduler: Sampler
+    num_inference_steps: int
+    eta: float
+    seed: int
+    loaded: LoadedFiles | None  # the files it loaded (set by `ddpm_plugin.export.sampler.open_sampler`)
     image_shape: tuple[int, int, int]  # (channels, height, width)
+    precision: str  # of the network it runs
 
     def __call__(self, start: int, count: int) -> np.ndarray: ...
 
@@ -153,12 +209,19 @@ class TorchImageSampler:
     pipe: "DDPMPaperPipeline"
     num_inference_steps: int
     seed: int
+    scheduler: Sampler = "ddpm"
     eta: float = 0.0
+    loaded: LoadedFiles | None = None
     backend: Backend = "pytorch"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.pipe.image_shape(1)[1:])
+
+    @property
+    def precision(self) -> str:
+        """The dtype of the UNet's weights."""
+        return str(self.pipe.unet.dtype).removeprefix("torch.")
 
     def __call__(self, start: int, count: int) -> np.ndarray:
         import torch
@@ -178,6 +241,7 @@ class OnnxImageSampler:
     seed: int
     scheduler: Sampler = "ddpm"
     eta: float = 0.0
+    loaded: LoadedFiles | None = None
     progress_bar: bool = True
     backend: Backend = "onnxruntime"
 
@@ -185,59 +249,16 @@ class OnnxImageSampler:
     def image_shape(self) -> tuple[int, int, int]:
         return self.pipe.image_shape
 
+    @property
+    def precision(self) -> str:
+        """The export's precision, with the t below which an int8 export runs its float32 graph."""
+        metadata = self.pipe.metadata
+        precision = str(metadata.get("precision") or ("fp16" if metadata.get("fp16") else "fp32"))
+        below = getattr(self.pipe, "float32_below_t", 0)
+        return f"{precision}, float32 below t={below}" if below else precision
+
     def __call__(self, start: int, count: int) -> np.ndarray:
         noise = PerImageNoise([image_seed(self.seed, i) for i in range(start, start + count)])
         images = self.pipe(count, self.num_inference_steps, scheduler=self.scheduler, eta=self.eta, generator=noise,
                            output_type="np", progress_bar=self.progress_bar).images
         return to_uint8(images)
-
-
-def load_image_sampler(
-    model: str | os.PathLike,
-    backend: Backend | None = None,
-    scheduler: Sampler = "ddpm",
-    num_inference_steps: int = 1000,
-    eta: float = 0.0,
-    seed: int = 0,
-    device: str = "cpu",
-    num_threads: int | None = None,
-    progress_bar: bool = True,
-) -> ImageSampler:
-    r"""
-    An [`ImageSampler`] for a pipeline folder.
-
-    Args:
-        model (`str` or `os.PathLike`): The pipeline folder.
-        backend (`str`, *optional*): `"onnxruntime"` or `"pytorch"`; defaults to [`default_backend`].
-        scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` (Algorithm 2) or `"ddim"`.
-        num_inference_steps (`int`, *optional*, defaults to 1000): Denoising steps, 1..T.
-        eta (`float`, *optional*, defaults to 0.0): DDIM's stochasticity; must be 0 with `"ddpm"`.
-        seed (`int`, *optional*, defaults to 0): The run's seed, 0..2**63-1.
-        device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"` or `"cuda:N"`.
-        num_threads (`int`, *optional*): Intra-op threads of ONNX Runtime on CPU (PyTorch follows `OMP_NUM_THREADS`).
-        progress_bar (`bool`, *optional*, defaults to `True`): A progress bar over each batch's steps.
-    """
-    backend = backend or default_backend(model)
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
-    check_sampler(scheduler)
-    check_seed(seed)
-    if not eta >= 0.0 or not np.isfinite(eta):
-        raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
-    if scheduler == "ddpm" and eta != 0.0:
-        raise ValueError(f"`eta` is DDIM's; the DDPM sampler has none (got eta={eta}): use scheduler 'ddim' or eta 0.")
-    if backend == "pytorch":
-        pipe = load_pipeline(model, scheduler).to(device)
-        pipe.set_progress_bar_config(leave=False, disable=not progress_bar)
-        check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
-        return TorchImageSampler(pipe, num_inference_steps, seed, eta)
-    from .export.onnx_pipeline import OnnxDDPMPipeline
-
-    provider: Any = "cpu"
-    if device.startswith("cuda"):
-        device_id = int(device.partition(":")[2] or 0)
-        provider = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-    pipe = OnnxDDPMPipeline.from_pretrained(model, provider=provider, num_threads=num_threads)
-    check_steps(num_inference_steps, pipe.diffusion.num_timesteps)
-    return OnnxImageSampler(pipe, num_inference_steps, seed, scheduler, eta, progress_bar)
-

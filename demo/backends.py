@@ -7,14 +7,11 @@ from Python and tested without a browser.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import queue
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from ddpm_plugin.images import SnapshotRecorder, evenly_spaced_steps, make_grid, snapshot_grid, to_uint8
-from ddpm_plugin.sampling import load_pipeline, with_scheduler
+from ddpm_plugin.export.sampler import open_sampler
+from ddpm_plugin.sampling import with_scheduler
 from ddpm_plugin.trust import check_no_links, file_sha256, read_json
 from ddpm_plugin.vocabulary import (
     BACKENDS,
@@ -56,10 +54,6 @@ WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 
 # Called after every denoising step with (steps done, total steps).
 StepCallback = Callable[[int, int], None]
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm-plugin"
 
 
 def shown(value: Any) -> str:
@@ -159,7 +153,7 @@ class DemoModel:
         folder (`Path`): The pipeline folder (`model_index.json`, `unet/`, `scheduler/`, optionally `onnx/`); a
             link or special file anywhere in it is refused (`UntrustedInputError`) before anything is read.
         num_threads (`int`, *optional*): Intra-op threads of each ONNX Runtime session.
-        onnx (`bool`, defaults to `True`): Load (and, when `folder/onnx` is missing, export) the ONNX network.
+        onnx (`bool`, defaults to `True`): Load the ONNX network of `folder/onnx` (as `ddpm export` writes it).
         concurrency (`int`, defaults to 1): Requests that may sample at once: one ONNX Runtime pipeline each,
             because a pipeline's bound input and output buffers belong to one request at a time.
     """
@@ -169,14 +163,14 @@ class DemoModel:
     ):
         check_no_links(folder)  # before anything reads it: a link or a device would be followed or read forever
         self.name, self.folder = name, folder
-        self.torch_pipeline = load_pipeline(folder)
+        self.torch_pipeline = open_sampler(folder, "pytorch", progress_bar=False).pipe
         config = self.torch_pipeline.scheduler.config
         self.num_train_timesteps = int(config.num_train_timesteps)
         self.variance_type = config.variance_type
         self.image_shape = tuple(self.torch_pipeline.image_shape(1)[1:])  # (channels, height, width)
         self.interpolation_t, self.interpolation_hint = interpolation_default(folder, self.num_train_timesteps)
         self._onnx_pipelines: queue.SimpleQueue | None = None
-        self.onnx_folder: Path | None = None  # the export ONNX Runtime samples with (shipped or cached)
+        self.onnx_folder: Path | None = None  # the export ONNX Runtime samples with
         self.onnx_problem: str | None = "disabled by --no-onnx"
         if onnx:
             try:
@@ -190,40 +184,17 @@ class DemoModel:
     def has_onnx(self) -> bool:
         return self._onnx_pipelines is not None
 
-    def _onnx_folder(self) -> Path:
-        """`folder/onnx` when the pipeline ships its export, else an export cached by the weights' hash."""
-        from ddpm_plugin.export.onnx_export import export_onnx
-        shipped = self.folder / ONNX_SUBFOLDER
-        if (shipped / ONNX_METADATA_FILE).is_file():
-            return shipped
-
-        # Keyed by what the export depends on: the network's files and the training schedule.
-        digest = hashlib.sha256()
-        for path in [*sorted((self.folder / "unet").iterdir()), self.folder / "scheduler" / "scheduler_config.json"]:
-            digest.update(path.name.encode() + path.read_bytes())
-        cached = _cache_root() / ONNX_SUBFOLDER / digest.hexdigest()[:16]
-        if not cached.is_dir():
-            logger.info("exporting %s to ONNX in %s", self.folder, cached)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            # Export beside the cache entry and rename, so a killed export never leaves a half-written entry.
-            partial = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".partial-"))
-            try:
-                export_onnx(self.folder, partial)
-                partial.rename(cached)
-            except OSError:
-                if not cached.is_dir():  # another process may have won the rename
-                    raise
-            finally:
-                shutil.rmtree(partial, ignore_errors=True)
-        return cached
-
     def _load_onnx(self, num_threads: int | None, concurrency: int) -> queue.SimpleQueue:
-        from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
+        from ddpm_plugin.export.sampler import open_sampler
 
-        folder = self.onnx_folder = self._onnx_folder()
+        if not (self.folder / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file():
+            raise FileNotFoundError(f"{self.folder} carries no ONNX export in {ONNX_SUBFOLDER}/: "
+                                    f"run `ddpm export --model {self.folder}` to add one")
         pipelines: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(concurrency):
-            pipelines.put(OnnxDDPMPipeline.from_pretrained(folder, provider="auto", num_threads=num_threads))
+            pipelines.put(open_sampler(self.folder, "onnxruntime", device="auto", num_threads=num_threads,
+                                       progress_bar=False).pipe)
+        self.onnx_folder = self.folder / ONNX_SUBFOLDER
         return pipelines
 
     @contextmanager
@@ -337,7 +308,7 @@ class DemoEngine:
         folders (`Sequence[str | os.PathLike]`): Pipeline folders; the page offers them by base name only.
         max_images (`int`, defaults to `MAX_IMAGES`): Most images one request may ask for.
         num_threads (`int`, *optional*): Threads per request for PyTorch and ONNX Runtime.
-        onnx (`bool`, defaults to `True`): Offer the ONNX Runtime backend (exporting models that lack `onnx/`).
+        onnx (`bool`, defaults to `True`): Offer the ONNX Runtime backend for the models that carry `onnx/`.
         concurrency (`int`, defaults to 1): Requests that may run at once (the page's queue admits as many).
 
     Example:

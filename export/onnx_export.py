@@ -26,8 +26,8 @@ precision.
 A pipeline folder may carry its export in an `onnx/` sub-folder (`ddpm export --model DIR --output DIR/onnx`);
 the demo and the Hub publisher look there. [`OnnxDDPMPipeline`] loads such a folder without torch.
 
-Only the UNet is exported: the sampling loop stays in Python (an ONNX `Loop` around the UNet measured 24-50%
-slower on CPU and rules out CUDA graphs). The maintained `torch.onnx.export(..., dynamo=True)` exporter (it needs
+Only the UNet is exported: the sampling loop stays in Python (an ONNX `Loop` around the UNet was slower on CPU
+and rules out CUDA graphs). The maintained `torch.onnx.export(..., dynamo=True)` exporter (it needs
 onnxscript) is the default; the TorchScript exporter, deprecated by torch, stays available as
 `exporter="torchscript"` while torch ships it.
 
@@ -411,7 +411,7 @@ def _freeze_reshape_targets(model: Any) -> int:
 
     The TorchScript exporter computes most reshape targets from the input's shape because the batch axis is
     dynamic: one such chain per GroupNorm and attention reshape. On small images these chains cost more than
-    the convolutions (digits: Reshape/Shape/Concat/Gather/Unsqueeze were 57% of ORT's kernel time, Conv 11%).
+    the convolutions.
 
     The targets are read from the output shapes of two real runs of the graph, at batch sizes 2 and 3, not
     from shape inference (whose symbolic form differs across onnx/onnxruntime releases and gives up on some

@@ -39,7 +39,8 @@ from .onnx_folder import (
     open_export_folder,
     resolve_export_folder,
 )
-from .providers import CUDA, ProviderSpec, resolve_providers, session_options
+from .providers import CUDA, ProviderSpec, resolve_providers
+from .providers import session_options as default_session_options
 
 __all__ = [
     "FORMAT_VERSION", "BoundUNet", "OnnxDDPMPipeline", "OnnxModelError", "OnnxPipelineOutput", "OnnxProgressiveOutput",
@@ -193,6 +194,7 @@ class OnnxDDPMPipeline:
         provider: ProviderSpec = "auto",
         num_threads: int | None = None,
         cuda_graph: bool = False,
+        session_options: ort.SessionOptions | None = None,
     ) -> "OnnxDDPMPipeline":
         r"""
         Load an export folder (or a pipeline folder with its export in `onnx/`).
@@ -207,6 +209,8 @@ class OnnxDDPMPipeline:
                 Intra-op threads on CPU; defaults to the number of physical cores.
             cuda_graph (`bool`, *optional*, defaults to `False`):
                 Capture and replay the UNet as an ORT CUDA graph (CUDA only).
+            session_options (`onnxruntime.SessionOptions`, *optional*):
+                The options of every session, in place of `providers.session_options(num_threads)`.
 
         An int8 export with `float32_below_t` in its metadata loads its float32 graph as well and runs it for
         t < `float32_below_t` (`ddpm_plugin.export.quantize`).
@@ -225,8 +229,9 @@ class OnnxDDPMPipeline:
             if CUDA not in names:
                 raise ValueError("`cuda_graph=True` needs the CUDA execution provider.")
             providers = [(CUDA, {"enable_cuda_graph": "1"}) if name == CUDA else name for name in names]
-        session = _load_session(model_path, metadata, num_threads, providers)
-        float32_session = None if float32_path is None else _load_session(float32_path, metadata, num_threads, providers)
+        options = session_options or default_session_options(num_threads)
+        session = _load_session(model_path, metadata, options, providers)
+        float32_session = None if float32_path is None else _load_session(float32_path, metadata, options, providers)
         return cls(session, export.scheduler_config, metadata, cuda_graph=cuda_graph, float32_session=float32_session)
 
     def _check_model_interface(self, session: ort.InferenceSession) -> None:
@@ -387,11 +392,11 @@ class OnnxDDPMPipeline:
 
 
 def _load_session(
-    model_path: Path, metadata: dict[str, Any], num_threads: int | None, providers: list
+    model_path: Path, metadata: dict[str, Any], options: ort.SessionOptions, providers: list
 ) -> ort.InferenceSession:
     """An onnxruntime session of `model_path`, or an [`OnnxModelError`] that says why it cannot load."""
     try:
-        return ort.InferenceSession(str(model_path), session_options(num_threads), providers=providers)
+        return ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... classes
         if "opset" in str(error).lower():
             advice = "its opset is not supported by this onnxruntime: re-export with a lower `ddpm export --opset` or upgrade onnxruntime"

@@ -9,17 +9,13 @@ run with VNNI/AMX), for the Conv, MatMul and Gemm nodes outside the layer groups
 
 Quality is measured on held-out x_t (other images, other noise): the eps error ||eps - eps_theta(x_t, t)||^2 of
 the int8 graph against that of the float32 graph on the same x_t. The variational bound's terms are this error
-weighted by lambda_t (paper Eq. 12), ~100x larger at t = 0 than beyond t = 100; so the budget's measure draws t
-in proportion to lambda_t, and its relative rise estimates the rise of the bound's eps-dependent part. L_simple
-(uniform t, the training loss) is reported beside it. On the bundled digits model the int8 graph's eps error
-rises 3-4% at t <= 2, ~1% at t = 10 and < 0.5% from t = 20 on: small t is where int8 costs. The export is
-refused when the rise exceeds the budget.
+weighted by lambda_t (paper Eq. 12), largest at small t; so the budget's measure draws t in proportion to
+lambda_t, and its relative rise estimates the rise of the bound's eps-dependent part. L_simple (uniform t, the
+training loss) is reported beside it. The export is refused when the rise exceeds the budget.
 
-Hence the time-step-aware precision (`float32_below_t`): the sampler runs the float32 graph, kept beside the int8
-one, for t < `float32_below_t` and the int8 graph above. On the bundled MNIST model (16 test images, same x_t) the
-int8 graph everywhere raises bits/dim by 9.1%, 77% of it in the decoder term L_0 and 97% at t < 10; the float32
-graph below t = 10 leaves +0.29% (below t = 20: +0.15%), at the cost of 1% of DDPM's 1000 steps (the last of
-DDIM-50's). So 10 is the default, and the quality measure prices the schedule the sampler runs.
+Time-step-aware precision (`float32_below_t`): the sampler runs the float32 graph, kept beside the int8 one, for
+t < `float32_below_t` and the int8 graph above, since int8 costs most at small t; the quality measure prices the
+schedule the sampler runs. The default threshold rests on docs/results/precision_quality_mnist.md.
 
 This module needs `onnx` and `onnxruntime` (and NumPy), imported where used so that `ddpm export --help` reads
 its constants quickly; never torch.
@@ -42,16 +38,11 @@ QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # `last_up_block` are the encoder and decoder blocks at full resolution (their resnets and the first block's
 # downsampler; their time projections and attention stay in their own groups).
 LAYER_GROUPS = ("conv_in", "conv_out", "time_embedding", "attention", "first_down_block", "last_up_block")
-# Kept in float by default, as measured on the bundled digits model (2048 held-out x_t, uniform t): all in int8,
-# L_simple rose 1.6% (t >= 750: 62%); conv_in in float, 0.6%; conv_in and conv_out, 0.4% (t >= 750: 15%);
-# the time embedding and attention in float as well changed nothing measurable. Both convs are < 3% of the FLOPs.
-# Bits/dim (64 digits): +0.81% of fp32; with last_up_block in float too +0.33%, within issue 17's 0.5%, but on the
-# MNIST model that leaves +7.3%, so it is an option, not the default (docs/results/precision_quality_digits_int8.md).
+# Kept in float by default: the two convolutions at full resolution (docs/results/precision_quality_digits_int8.md).
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("conv_in", "conv_out")
-# Max relative rise of the Eq. 12-weighted eps error over the float32 graph on held-out x_t (0.03 = 3%);
-# measured: +2.2% on the bundled digits model (passes), +25% on the bundled MNIST model (refused).
+# Max relative rise of the Eq. 12-weighted eps error over the float32 graph on held-out x_t (0.03 = 3%).
 DEFAULT_BOUND_BUDGET = 0.03
-# Timesteps t < this run the float32 graph (see the module docstring); 0: the int8 graph at every t.
+# Timesteps t < this run the float32 graph; 0: the int8 graph at every t (docs/results/precision_quality_mnist.md).
 DEFAULT_FLOAT32_BELOW_T = 10
 NUM_T_BANDS = 4  # the quality report gives L_simple per quarter of the t range as well
 CALIBRATION_BATCH_SIZE = 16

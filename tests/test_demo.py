@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,17 +49,23 @@ def test_same_seed_gives_the_same_images_and_another_seed_other_images(engine):
     assert not np.allclose(first, other)
 
 
-def test_onnx_backend_is_exported_once_into_the_cache_and_reproducible(tiny_pipeline_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    engine = DemoEngine([tiny_pipeline_dir], num_threads=1, concurrency=2)
+def test_onnx_backend_samples_the_shipped_export_reproducibly_and_keeps_no_cache(tiny_pipeline_dir, tmp_path,
+                                                                                 monkeypatch):
+    from ddpm_plugin.export.onnx_export import export_onnx
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    without = DemoEngine([tiny_pipeline_dir], num_threads=1)
+    assert without.backends == ["pytorch"]
+    (model,) = without.models.values()
+    assert "carries no ONNX export" in model.onnx_problem and "ddpm export --model" in model.onnx_problem
+    folder = Path(shutil.copytree(tiny_pipeline_dir, tmp_path / "exported" / "pipeline"))  # the name request() picks
+    export_onnx(folder, folder / "onnx", seed=0)
+    engine = DemoEngine([folder], num_threads=1, concurrency=2)
     assert engine.backends == ["onnxruntime", "pytorch"]
-    (export,) = (tmp_path / "ddpm-plugin" / "onnx").iterdir()
-    written = (export / "model.onnx").stat().st_mtime_ns
-    again = DemoEngine([tiny_pipeline_dir], num_threads=1)
-    assert (export / "model.onnx").stat().st_mtime_ns == written  # reused, not exported again
     first = engine.generate(request(backend="onnxruntime", seed=3)).images
+    again = DemoEngine([folder], num_threads=1)
     np.testing.assert_array_equal(first, again.generate(request(backend="onnxruntime", seed=3)).images)
-    assert not tiny_pipeline_dir.joinpath("onnx").exists()  # the model folder is left untouched
+    assert not (tmp_path / "cache").exists()  # nothing exported behind the user's back
 
 
 def test_ancestral_sampler_honours_the_variance_type(engine):

@@ -358,9 +358,11 @@ def test_dry_run_lists_files_with_sizes_and_sends_nothing(loopback_hub, run_dir,
 def test_hub_folder_samples_its_own_grid(tiny_pipeline_dir, tmp_path):
     from PIL import Image
 
+    from ddpm_plugin.export.sampler import open_sampler
     from ddpm_plugin.hub import build_hub_folder
 
-    files = build_hub_folder(tiny_pipeline_dir, tmp_path / "repo", REPO_ID, grid_steps=2)
+    sampler = open_sampler(tiny_pipeline_dir, num_inference_steps=2, progress_bar=False)
+    files = build_hub_folder(tiny_pipeline_dir, tmp_path / "repo", REPO_ID, sampler=sampler)
     assert "samples.png" in files and "onnx/model.onnx" not in files
     with Image.open(tmp_path / "repo" / "samples.png") as grid:
         assert grid.size == ((4 * 9 + 1) * 8, (4 * 9 + 1) * 8)  # 4x4 tiles of 8 px, 1 px padding, upscaled 8x
@@ -368,6 +370,30 @@ def test_hub_folder_samples_its_own_grid(tiny_pipeline_dir, tmp_path):
     assert "16 samples, seed 0, 2 ancestral sampling steps" in text
     assert "No evaluation report was supplied" in text and "No training configuration" in text
     assert "onnxruntime" not in text.lower() and "datasets:" not in text
+
+
+def test_push_samples_the_grid_with_the_onnx_export_when_the_model_has_one(loopback_hub, run_dir, tmp_path, capfd):
+    from PIL import Image
+
+    capfd.readouterr()
+    assert ddpm_push("--model", str(run_dir), "--repo-id", REPO_ID, "--grid-steps", "3", "--dry-run",
+                     "--output", str(tmp_path / "repo")) == 0
+    err = capfd.readouterr().err
+    assert "sampling the card's grid with 3 steps on onnxruntime" in err
+    assert "0/3 [" in err  # a progress bar over the steps
+    assert "16 samples, seed 0, 3 ancestral sampling steps (Algorithm 2), on ONNX Runtime." in (
+        tmp_path / "repo" / "README.md").read_text()
+    with Image.open(tmp_path / "repo" / "samples.png") as grid:
+        assert grid.size == ((4 * 9 + 1) * 8, (4 * 9 + 1) * 8)
+
+
+def test_hub_finds_a_run_folders_pipeline_through_the_resolver(run_dir):
+    from ddpm_plugin.bundled import resolve_model
+    from ddpm_plugin.hub import find_pipeline_folder
+
+    assert find_pipeline_folder(run_dir) == resolve_model(run_dir) == run_dir / "pipeline"
+    with pytest.raises(FileNotFoundError, match="is not a pipeline folder"):
+        find_pipeline_folder(run_dir / "pipeline" / "unet")
 
 
 def test_card_names_hub_datasets_and_hides_local_paths(tiny_pipeline_dir):
@@ -399,7 +425,7 @@ def test_pickled_weights_are_never_published(tiny_pipeline_dir, tmp_path):
     shutil.copytree(tiny_pipeline_dir, pickled)
     (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ValueError, match="only pickled weights"):
-        build_hub_folder(pickled, tmp_path / "repo", REPO_ID, grid_steps=2)
+        build_hub_folder(pickled, tmp_path / "repo", REPO_ID)
 
 
 # --- What a hostile pipeline folder cannot make `ddpm push` publish (issue 11, items 1-3). ---
@@ -452,7 +478,8 @@ def test_push_publishes_only_the_pipeline_code_and_lists_what_it_skips(loopback_
     assert code == 0, err
     published = set(loopback_hub.files(REPO_ID))
     code_files = {p for p in published if p.endswith(".py")}
-    assert code_files == {"pipeline_ddpm_paper.py", "gaussian_diffusion.py", "diffusion_ops.py", "variational_bound.py"}
+    assert code_files == {"pipeline_ddpm_paper.py", "pipeline_outputs.py", "gaussian_diffusion.py", "diffusion_ops.py",
+                          "variational_bound.py"}
     for name in code_files:
         assert loopback_hub.files(REPO_ID)[name] == (pipeline / name).read_bytes()
     assert TOKEN.encode() not in loopback_hub.uploaded_bytes() and SECRET not in loopback_hub.uploaded_bytes()
@@ -498,7 +525,7 @@ def test_redaction_covers_log_lines_of_the_hub_client(caplog):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--model", "{tmp}/missing"], "is not a pipeline folder"),
+        (["--model", "{tmp}/missing"], "--model {tmp}/missing: no such folder"),
         (["--grid", "{tmp}/notes.txt"], "argument --grid: {tmp}/notes.txt is not a PNG image (not a picture)"),
         (["--grid", "{tmp}"], "argument --grid: {tmp} is not a PNG image (a folder)"),
         (["--output", "{tmp}"], "is not empty"),

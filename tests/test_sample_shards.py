@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from ddpm_plugin.cli import main
+from ddpm_plugin.export.sampler import open_sampler
 from ddpm_plugin.sample_shards import MANIFEST, iter_sample_batches, load_shard, sample_to_shards
-from ddpm_plugin.sampling import load_image_sampler
 
 # One thread per process in every run: the same kernels, so the same floating-point sums.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -38,27 +38,34 @@ def sample_command(model: Path, output: Path, *extra: str) -> list[str]:
     return ["-m", "ddpm_plugin.cli", "sample", "--model", str(model), "--output-dir", str(output), *extra]
 
 
+def draw_shards(model: Path, output_dir: Path, num_images: int, batch_size: int = 64, device: str = "cpu",
+                **options) -> dict:
+    """`sample_to_shards` on the sampler `ddpm sample` opens."""
+    return sample_to_shards(open_sampler(model, device=device, progress_bar=False, **options), output_dir, num_images,
+                            batch_size)
+
+
 def all_images(folder: Path) -> np.ndarray:
     return np.concatenate([load_shard(folder / entry["file"]) for entry in json.loads((folder / MANIFEST).read_text())["shards"]])
 
 
 @pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
 def test_an_image_depends_only_on_the_seed_and_its_index(onnx_pipeline_dir, backend):
-    sampler = load_image_sampler(onnx_pipeline_dir, backend, "ddpm", num_inference_steps=10, seed=5, progress_bar=False)
+    sampler = open_sampler(onnx_pipeline_dir, backend, "ddpm", num_inference_steps=10, seed=5, progress_bar=False)
     batch = sampler(0, 4)
     alone = sampler(2, 1)[0]
     # Another batch composition may round a float differently, never more than one grey level.
     assert np.abs(batch[2].astype(int) - alone.astype(int)).max() <= 1
     assert (batch[2] == alone).mean() > 0.95
     assert np.array_equal(sampler(0, 4), batch)
-    other_seed = load_image_sampler(onnx_pipeline_dir, backend, "ddpm", num_inference_steps=10, seed=6, progress_bar=False)
+    other_seed = open_sampler(onnx_pipeline_dir, backend, "ddpm", num_inference_steps=10, seed=6, progress_bar=False)
     assert np.abs(other_seed(2, 1)[0].astype(int) - alone.astype(int)).mean() > 10
     assert len({batch[k].tobytes() for k in range(4)}) == 4
 
 
 def test_the_default_backend_is_onnxruntime_when_the_folder_carries_an_export(onnx_pipeline_dir, tiny_pipeline_dir, tmp_path):
-    with_export = sample_to_shards(onnx_pipeline_dir, tmp_path / "a", 3, batch_size=2, num_inference_steps=5, device="cpu")
-    without = sample_to_shards(tiny_pipeline_dir, tmp_path / "b", 3, batch_size=2, num_inference_steps=5, device="cpu")
+    with_export = draw_shards(onnx_pipeline_dir, tmp_path / "a", 3, batch_size=2, num_inference_steps=5, device="cpu")
+    without = draw_shards(tiny_pipeline_dir, tmp_path / "b", 3, batch_size=2, num_inference_steps=5, device="cpu")
     assert with_export["run"]["backend"] == "onnxruntime" and without["run"]["backend"] == "pytorch"
 
 
@@ -117,12 +124,12 @@ def test_a_run_killed_and_started_again_ends_with_the_uninterrupted_images(tiny_
 
 def test_a_rerun_redoes_truncated_shards_and_removes_partial_files(tiny_pipeline_dir, tmp_path):
     options = dict(num_images=7, batch_size=2, num_inference_steps=5, seed=1, backend="pytorch", device="cpu")
-    first = sample_to_shards(tiny_pipeline_dir, tmp_path, **options)
+    first = draw_shards(tiny_pipeline_dir, tmp_path, **options)
     expected = all_images(tmp_path)
     shard = tmp_path / first["shards"][1]["file"]
     shard.write_bytes(shard.read_bytes()[:200])  # cut off, as a copy interrupted half-way leaves it
     (tmp_path / ".shard-00002.npz.abc.partial").write_bytes(b"half a shard")
-    second = sample_to_shards(tiny_pipeline_dir, tmp_path, **options)
+    second = draw_shards(tiny_pipeline_dir, tmp_path, **options)
     assert second["shards_reused"] == 3 and second["images_drawn"] == 2
     assert np.array_equal(all_images(tmp_path), expected)
     assert not list(tmp_path.glob(".*"))
@@ -149,7 +156,7 @@ def test_a_folder_with_other_files_is_refused(tiny_pipeline_dir, tmp_path, capsy
 
 
 def test_reading_samples_checks_completeness_and_checksums(tiny_pipeline_dir, tmp_path):
-    manifest = sample_to_shards(tiny_pipeline_dir, tmp_path, 5, batch_size=2, num_inference_steps=3, device="cpu")
+    manifest = draw_shards(tiny_pipeline_dir, tmp_path, 5, batch_size=2, num_inference_steps=3, device="cpu")
     batches = list(iter_sample_batches(tmp_path, num_images=3, progress_bar=False))
     assert [len(b) for b in batches] == [2, 1]
     with pytest.raises(ValueError, match="fewer than the 6"):
@@ -208,9 +215,9 @@ def test_a_sample_folder_of_another_onnx_model_file_is_refused(onnx_pipeline_dir
 
 
 def test_a_run_records_the_schedule_precision_and_every_file_the_sampler_loads(onnx_pipeline_dir, tmp_path):
-    torch_run = sample_to_shards(onnx_pipeline_dir, tmp_path / "a", 2, batch_size=2, num_inference_steps=3,
+    torch_run = draw_shards(onnx_pipeline_dir, tmp_path / "a", 2, batch_size=2, num_inference_steps=3,
                                  backend="pytorch", device="cpu")["run"]
-    onnx_run = sample_to_shards(onnx_pipeline_dir, tmp_path / "b", 2, batch_size=2, num_inference_steps=3,
+    onnx_run = draw_shards(onnx_pipeline_dir, tmp_path / "b", 2, batch_size=2, num_inference_steps=3,
                                 backend="onnxruntime", device="cpu")["run"]
     assert {"model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
             "unet/diffusion_pytorch_model.safetensors"} <= set(torch_run["files"])
@@ -222,12 +229,12 @@ def test_a_run_records_the_schedule_precision_and_every_file_the_sampler_loads(o
 
 def test_a_foreign_shard_copied_into_a_finished_run_is_not_kept(tiny_pipeline_dir, tmp_path):
     options = dict(num_images=7, batch_size=2, num_inference_steps=4, backend="pytorch", device="cpu")
-    first = sample_to_shards(tiny_pipeline_dir, tmp_path / "seed0", seed=0, **options)
+    first = draw_shards(tiny_pipeline_dir, tmp_path / "seed0", seed=0, **options)
     expected = all_images(tmp_path / "seed0")
-    sample_to_shards(tiny_pipeline_dir, tmp_path / "seed1", seed=1, **options)
+    draw_shards(tiny_pipeline_dir, tmp_path / "seed1", seed=1, **options)
     for name in [p.name for p in (tmp_path / "seed1").glob("shard-00002*")]:  # the shard and any record beside it
         (tmp_path / "seed0" / name).write_bytes((tmp_path / "seed1" / name).read_bytes())
-    second = sample_to_shards(tiny_pipeline_dir, tmp_path / "seed0", seed=0, **options)
+    second = draw_shards(tiny_pipeline_dir, tmp_path / "seed0", seed=0, **options)
     assert second["shards_reused"] == 3 and second["images_drawn"] == 2
     assert np.array_equal(all_images(tmp_path / "seed0"), expected)
     assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
@@ -235,14 +242,14 @@ def test_a_foreign_shard_copied_into_a_finished_run_is_not_kept(tiny_pipeline_di
 
 def test_a_shard_changed_after_writing_is_not_kept_even_when_it_loads(tiny_pipeline_dir, tmp_path):
     options = dict(num_images=4, batch_size=2, num_inference_steps=4, backend="pytorch", device="cpu", seed=0)
-    first = sample_to_shards(tiny_pipeline_dir, tmp_path, **options)
+    first = draw_shards(tiny_pipeline_dir, tmp_path, **options)
     shard = tmp_path / first["shards"][0]["file"]
     with np.load(shard, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
     arrays["images"] = 255 - arrays["images"]
     with open(shard, "wb") as file:
         np.savez(file, **arrays)
-    second = sample_to_shards(tiny_pipeline_dir, tmp_path, **options)
+    second = draw_shards(tiny_pipeline_dir, tmp_path, **options)
     assert second["shards_reused"] == 1
     assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
 

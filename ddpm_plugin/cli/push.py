@@ -45,16 +45,21 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ddpm_plugin.bundled import resolve_model
-    from ddpm_plugin.hub import build_hub_folder, pipeline_files, push_folder, skipped_files, upload_plan
+    from ddpm_plugin.hub import build_hub_folder, find_pipeline_folder, pipeline_files, push_folder, skipped_files, upload_plan
 
     args.model = resolve_model(args.model)
     skipped = skipped_files(args.model, pipeline_files(args.model))
     if skipped:
         print(f"skipped (not part of the loadable pipeline): {', '.join(skipped)}")
+    sampler = None
+    if args.grid is None:  # the model's ONNX export when it has one, as `ddpm sample` samples
+        from ddpm_plugin.export.sampler import open_sampler
+
+        sampler = open_sampler(find_pipeline_folder(args.model), num_inference_steps=args.grid_steps)
     with tempfile.TemporaryDirectory(prefix="ddpm-push-") as staging:
         folder = Path(args.output) if args.output else Path(staging) / "repo"
-        build_hub_folder(args.model, folder, args.repo_id, report=args.report, grid=args.grid,
-                         grid_steps=args.grid_steps, announce=lambda line: print(line, file=sys.stderr))
+        build_hub_folder(args.model, folder, args.repo_id, report=args.report, grid=args.grid, sampler=sampler,
+                         announce=lambda line: print(line, file=sys.stderr))
         plan = upload_plan(folder)
         if args.dry_run:
             print(f"dry run: would upload {len(plan)} files to {args.repo_id}"

@@ -71,11 +71,19 @@ def run(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     options = dict(num_inference_steps=args.steps, scheduler=args.scheduler, eta=args.eta, seed=args.seed,
                    backend=args.backend)
+    from ddpm_plugin.export.sampler import open_sampler
+
     if args.output_dir is not None:
+        import os
+
         from ddpm_plugin.sample_shards import process_state, sample_to_shards
 
-        manifest = sample_to_shards(model, args.output_dir, args.num_images, args.batch_size, **options)
-        if not process_state().is_main_process:
+        state = process_state()
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None  # accelerate launch sets it per process
+        sampler = open_sampler(model, device=str(getattr(state, "device", "cpu")), num_threads=threads,
+                               progress_bar=state.is_main_process, **options)
+        manifest = sample_to_shards(sampler, args.output_dir, args.num_images, args.batch_size, state)
+        if not state.is_main_process:
             return 0
         rate = manifest["images_per_second"]
         print(f"{args.output_dir}: {args.num_images} images in {len(manifest['shards'])} shards "
@@ -85,10 +93,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ddpm_plugin.images import make_grid
-    from ddpm_plugin.sampling import load_image_sampler
 
     output = args.output or "grid.png"
-    sampler = load_image_sampler(model, **options)
+    sampler = open_sampler(model, **options)
     images = np.concatenate([sampler(start, min(args.batch_size, args.num_images - start))
                              for start in range(0, args.num_images, args.batch_size)])
     make_grid(images, scale=args.scale).save(output)

@@ -1,7 +1,7 @@
 """`DDPMPaperPipeline`: the stock `DDPMPipeline` plus what the DDPM paper and its users need.
 
 This file is the pipeline's only copy. It imports nothing but the standard library, NumPy, torch, diffusers
-and its siblings (`gaussian_diffusion.py`, `diffusion_ops.py`, `variational_bound.py`), because
+and its siblings (`gaussian_diffusion.py`, `diffusion_ops.py`, `variational_bound.py`, `pipeline_outputs.py`), because
 `save_pretrained` places these files in the saved folder's root, where `DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_ddpm_paper",
 trust_remote_code=True)` loads them on a machine without ddpm-plugin.
 """
@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -25,20 +24,19 @@ from diffusers import DDPMPipeline
 from diffusers import __version__ as _diffusers_version
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils import BaseOutput
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion_ops import q_sample, to_model_range
 from .gaussian_diffusion import GaussianDiffusion
-from .variational_bound import (
-    BoundTerms,
-    calc_bpd_loop,
-    check_variance_type,
-    clip_range_of,
-    cumulative_rate_bpd,
-    distortion_rmse,
+from .pipeline_outputs import (
+    BitsPerDimOutput,
+    InterpolationOutput,
+    ProgressiveGenerationOutput,
+    RateDistortionOutput,
+    ReconstructionOutput,
 )
+from .variational_bound import calc_bpd_loop, check_variance_type, clip_range_of
 
 STOCK_PIPELINE_CLASS = "DDPMPipeline"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -62,134 +60,6 @@ def unet_in_eval_mode(method: Method) -> Method:
                 module.training = training
 
     return wrapper  # type: ignore[return-value]
-
-
-@dataclass
-class ProgressiveGenerationOutput(BaseOutput):
-    """Output of [`DDPMPaperPipeline.progressive_generation`] (paper Fig. 6).
-
-    Args:
-        images (`np.ndarray` of shape `(batch_size, height, width, channels)`):
-            The final samples x_0 in [0, 1].
-        x_t (`np.ndarray` of shape `(num_snapshots, batch_size, height, width, channels)`):
-            The noisy samples x_t at each snapshot, mapped from [-1, 1] to [0, 1] and clipped.
-        pred_original_sample (`np.ndarray` of the same shape as `x_t`):
-            The model's prediction of x_0 from x_t at each snapshot, in [0, 1].
-        timesteps (`list[int]`):
-            The timestep t of each snapshot.
-    """
-
-    images: np.ndarray
-    x_t: np.ndarray
-    pred_original_sample: np.ndarray
-    timesteps: list[int]
-
-
-@dataclass
-class BitsPerDimOutput(BaseOutput):
-    """Output of [`DDPMPaperPipeline.bits_per_dim`]: the variational bound (paper Eq. 5) and its breakdown.
-
-    Args:
-        total_bpd (`np.ndarray` of shape `(num_images,)`):
-            The bound -log p(x_0) <= L in bits/dim: `terms_bpd.sum(1) + prior_bpd`.
-        terms_bpd (`np.ndarray` of shape `(num_images, num_train_timesteps)`):
-            Column t > 0 is the KL term at t, column 0 the decoder term L_0, in bits/dim.
-        prior_bpd (`np.ndarray` of shape `(num_images,)`):
-            L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim.
-        decoder_bpd (`np.ndarray` of shape `(num_images,)`):
-            L_0 = -log p(x_0 | x_1) in bits/dim (`terms_bpd[:, 0]`): the distortion of Table 4.
-        rate_bpd (`np.ndarray` of shape `(num_images,)`):
-            L_T + L_{T-1} + ... + L_1 in bits/dim: the rate of Table 4 (`total_bpd = rate_bpd + decoder_bpd`).
-        x_start_mse (`np.ndarray` of shape `(num_images, num_train_timesteps)`):
-            Mean squared error of the clipped x_0 prediction from x_t, on the [-1, 1] scale.
-        cumulative_rate_bpd (`np.ndarray` of shape `(num_train_timesteps,)`):
-            Mean over images of the rate received from T down to t (paper Fig. 5, middle).
-        distortion_rmse (`np.ndarray` of shape `(num_train_timesteps,)`):
-            RMSE of the x_0 prediction from x_t on the 0..255 scale, over all images (paper Fig. 5, left).
-    """
-
-    total_bpd: np.ndarray
-    terms_bpd: np.ndarray
-    prior_bpd: np.ndarray
-    decoder_bpd: np.ndarray
-    rate_bpd: np.ndarray
-    x_start_mse: np.ndarray
-    cumulative_rate_bpd: np.ndarray
-    distortion_rmse: np.ndarray
-
-    @classmethod
-    def from_terms(cls, terms: BoundTerms) -> "BitsPerDimOutput":
-        """The totals and curves of the per-image terms [`calc_bpd_loop`] returns."""
-        return cls(
-            total_bpd=terms.terms_bpd.sum(axis=1) + terms.prior_bpd,
-            terms_bpd=terms.terms_bpd,
-            prior_bpd=terms.prior_bpd,
-            decoder_bpd=terms.terms_bpd[:, 0].copy(),
-            rate_bpd=terms.terms_bpd[:, 1:].sum(axis=1) + terms.prior_bpd,
-            x_start_mse=terms.x_start_mse,
-            cumulative_rate_bpd=cumulative_rate_bpd(terms.terms_bpd, terms.prior_bpd).mean(axis=0),
-            distortion_rmse=distortion_rmse(terms.x_start_mse),
-        )
-
-    def rate_distortion(self) -> "RateDistortionOutput":
-        """The rate-distortion curve of these images (paper Fig. 5, Table 4), averaged over them."""
-        return RateDistortionOutput(
-            timesteps=np.arange(self.terms_bpd.shape[1]),
-            rate_bpd=self.cumulative_rate_bpd,
-            distortion_rmse=self.distortion_rmse,
-            total_rate_bpd=float(self.rate_bpd.mean()),
-            total_distortion_bpd=float(self.decoder_bpd.mean()),
-        )
-
-
-@dataclass
-class RateDistortionOutput(BaseOutput):
-    """Output of [`DDPMPaperPipeline.rate_distortion`] (paper Fig. 5 and Table 4), averaged over the images.
-
-    Args:
-        timesteps (`np.ndarray` of shape `(num_train_timesteps,)`): t = 0..T-1.
-        rate_bpd (`np.ndarray` of shape `(num_train_timesteps,)`): Rate received from T down to t, bits/dim.
-        distortion_rmse (`np.ndarray` of shape `(num_train_timesteps,)`): RMSE of x_0 from x_t, 0..255 scale.
-        total_rate_bpd (`float`): L_T + ... + L_1, bits/dim (paper CIFAR-10: 1.78).
-        total_distortion_bpd (`float`): L_0, bits/dim (paper CIFAR-10: 1.97).
-    """
-
-    timesteps: np.ndarray
-    rate_bpd: np.ndarray
-    distortion_rmse: np.ndarray
-    total_rate_bpd: float
-    total_distortion_bpd: float
-
-
-@dataclass
-class ReconstructionOutput(BaseOutput):
-    """Output of [`DDPMPaperPipeline.reconstruct`] (paper Fig. 7).
-
-    Args:
-        x_t (`np.ndarray` of shape `(num_images, height, width, channels)`): The shared x_t, in [0, 1] (clipped).
-        images (`np.ndarray` of shape `(num_images, num_samples, height, width, channels)`):
-            Samples of p_theta(x_0 | x_t), in [0, 1].
-        timestep (`int`): The step t that x_t was drawn at.
-    """
-
-    x_t: np.ndarray
-    images: np.ndarray
-    timestep: int
-
-
-@dataclass
-class InterpolationOutput(BaseOutput):
-    """Output of [`DDPMPaperPipeline.interpolate`] (paper Fig. 8-9).
-
-    Args:
-        images (`np.ndarray` of shape `(num_lambdas, height, width, channels)`): The decoded interpolants, in [0, 1].
-        lambdas (`np.ndarray` of shape `(num_lambdas,)`): The mixing weights, 0 = first image.
-        timestep (`int`): The step t the interpolation happens at.
-    """
-
-    images: np.ndarray
-    lambdas: np.ndarray
-    timestep: int
 
 
 class DDPMPaperPipeline(DDPMPipeline):
@@ -329,7 +199,7 @@ class DDPMPaperPipeline(DDPMPipeline):
 
     def float32_network(self) -> torch.nn.Module:
         """The UNet in float32: itself, or a float32 copy of a half-precision UNet, made on first use and again
-        whenever its weights change (cifar10: 143 MB more)."""
+        whenever its weights change (it holds a second copy of the weights in float32)."""
         if self.unet.dtype == torch.float32:
             return self.unet
         key = (id(self.unet), self.unet.dtype, sum(parameter._version for parameter in self.unet.parameters()))
@@ -342,9 +212,7 @@ class DDPMPaperPipeline(DDPMPipeline):
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, float32_below_t: int = 0) -> torch.Tensor:
         """eps_theta(x_t, t) in the network's precision (and under any autocast the caller set), except for the
         elements with t < `float32_below_t`, which run in float32 with autocast off ([`float32_network`]):
-        time-step-aware precision, since the bound weighs eps errors at small t most. On the bundled MNIST model
-        (16 test images): bf16 autocast +2.0% bits/dim, 85% of it at t = 0, +0.03% with float32 below t = 10; bf16
-        weights +2.45%, and +0.13% with their float32 copy below t = 10."""
+        time-step-aware precision, since the bound weighs eps errors at small t most (docs/results/precision_quality_mnist.md)."""
         if not float32_below_t:
             return self.unet(x_t.to(self.unet.dtype), t).sample
         t = torch.as_tensor(t)

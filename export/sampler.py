@@ -1,0 +1,85 @@
+"""`open_sampler`: the one way to open a model folder for sampling, on PyTorch or ONNX Runtime.
+
+The `ddpm` command, the demo, `ddpm push`'s card grid and the benchmarks open their samplers here. onnxruntime is
+imported only for the ONNX Runtime backend and torch only for the PyTorch one, so either works without the other.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ddpm_plugin.sampling import (
+    ImageSampler,
+    OnnxImageSampler,
+    TorchImageSampler,
+    check_seed,
+    default_backend,
+    load_pipeline,
+    loaded_files,
+)
+from ddpm_plugin.vocabulary import BACKENDS, Backend, Sampler, check_sampler, check_steps
+
+
+def open_sampler(
+    model: str | os.PathLike,
+    backend: Backend | None = None,
+    scheduler: Sampler = "ddpm",
+    num_inference_steps: int = 1000,
+    eta: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+    num_threads: int | None = None,
+    session_options: Any = None,
+    progress_bar: bool = True,
+) -> ImageSampler:
+    r"""
+    An [`ImageSampler`] for a pipeline folder (or an export folder), holding what it loaded (`loaded`: the files
+    with their SHA-256 and the resolved schedule), its backend and its precision.
+
+    Args:
+        model (`str` or `os.PathLike`): The pipeline folder, or an export folder for ONNX Runtime.
+        backend (`str`, *optional*): `"onnxruntime"` or `"pytorch"`; defaults to ONNX Runtime when the folder is or
+            carries an export ([`default_backend`]).
+        scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` (Algorithm 2) or `"ddim"`.
+        num_inference_steps (`int`, *optional*, defaults to 1000): Denoising steps, 1..T.
+        eta (`float`, *optional*, defaults to 0.0): DDIM's stochasticity; must be 0 with `"ddpm"`.
+        seed (`int`, *optional*, defaults to 0): The run's seed, 0..2**63-1.
+        device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"`, `"cuda:N"`, or `"auto"` (CUDA when
+            usable here, else the CPU).
+        num_threads (`int`, *optional*): Intra-op threads of ONNX Runtime on CPU (PyTorch follows `OMP_NUM_THREADS`).
+        session_options (`onnxruntime.SessionOptions`, *optional*): ONNX Runtime's session options, in place of
+            `export.providers.session_options(num_threads)`.
+        progress_bar (`bool`, *optional*, defaults to `True`): A progress bar over each batch's steps.
+    """
+    backend = backend or default_backend(model)
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
+    check_sampler(scheduler)
+    check_seed(seed)
+    if not eta >= 0.0 or not np.isfinite(eta):
+        raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
+    if scheduler == "ddpm" and eta != 0.0:
+        raise ValueError(f"`eta` is DDIM's; the DDPM sampler has none (got eta={eta}): use scheduler 'ddim' or eta 0.")
+    loaded = loaded_files(model, backend)  # before loading: a link or a device is refused, never read
+    if backend == "pytorch":
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = load_pipeline(model, scheduler).to(device)
+        pipe.set_progress_bar_config(leave=False, disable=not progress_bar)
+        check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
+        return TorchImageSampler(pipe, num_inference_steps, seed, scheduler, eta, loaded)
+    from .onnx_pipeline import OnnxDDPMPipeline
+
+    provider: Any = "auto" if device == "auto" else "cpu"
+    if device.startswith("cuda"):
+        device_id = int(device.partition(":")[2] or 0)
+        provider = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    pipe = OnnxDDPMPipeline.from_pretrained(model, provider=provider, num_threads=num_threads,
+                                            session_options=session_options)
+    check_steps(num_inference_steps, pipe.diffusion.num_timesteps)
+    return OnnxImageSampler(pipe, num_inference_steps, seed, scheduler, eta, loaded, progress_bar)
