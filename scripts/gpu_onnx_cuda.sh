@@ -14,6 +14,7 @@
 # DDPM_WHEEL_MANIFEST (scripts/gpu_wheels.sha256), DDPM_PART_SIZE (40M), DDPM_RESULTS (docs/results/onnx_cuda.md),
 # PYTHON (python3), OUT (a folder that also receives the results and the log).
 set -euo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
 PARTS=${DDPM_WHEEL_PARTS:-/tmp/ddpm-wheel-parts}
 TARGET=${DDPM_WHEEL_TARGET:-/tmp/ddpm-gpu-site}
@@ -22,13 +23,16 @@ PYTHON=${PYTHON:-python3}
 RESULTS=${DDPM_RESULTS:-docs/results/onnx_cuda.md}
 
 fail() { echo "gpu_onnx_cuda: $*" >&2; exit 1; }
+from_caller() { if [[ $1 == /* ]]; then echo "$1"; else echo "$CALLER/$1"; fi; }  # paths as the caller named them
 
 expected_sha256() {  # the manifest's SHA-256 of wheel file name $1, or nothing
     awk -v name="$1" '$2 == name || $2 == "*" name { print $1 }' "$MANIFEST"
 }
 
 split_wheel() {
-    local wheel=$1 dir=${2:-.gpu-parts} name expected actual
+    local wheel dir name expected actual
+    [[ -n ${1:-} ]] || fail "split: name the wheel to split"
+    wheel=$(from_caller "$1") dir=$(from_caller "${2:-.gpu-parts}")
     [[ -f $wheel ]] || fail "split: no file $wheel"
     name=$(basename "$wheel")
     expected=$(expected_sha256 "$name")
@@ -45,6 +49,7 @@ receive() {
     [[ $# -gt 0 ]] || fail "receive: name the part(s) to keep"
     mkdir -p "$PARTS"
     for file in "$@"; do
+        file=$(from_caller "$file")
         [[ -f $file ]] || fail "receive: no file $file"
         cp -- "$file" "$PARTS/"
     done
@@ -87,7 +92,8 @@ run() {
     install_wheels
     export PYTHONPATH=$TARGET${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
     local log=${OUT:-/tmp}/gpu_onnx_cuda.log pytorch=/tmp/gpu_onnx_cuda_pytorch.txt fresh=/tmp/gpu_onnx_cuda_results.md
-    local pytorch_args=${DDPM_CUDA_PYTORCH_ARGS:---batch-sizes 8,128,256 --steps 20 --repeats 3 --only paper-fp32,paper-bf16-weights,paper-bf16-weights+compile}
+    # onnx_cuda.py times PyTorch eager and bf16 + torch.compile itself; this re-checks the eager precisions and parity.
+    local pytorch_args=${DDPM_CUDA_PYTORCH_ARGS:---batch-sizes 8,128 --steps 20 --repeats 3 --only paper-fp32,paper-bf16-weights}
     rm -f "$fresh" "$pytorch"
     # torch first: its CUDA 13 libraries are then already loaded when onnxruntime's CUDA provider looks for them.
     "$PYTHON" -c "import torch, onnxruntime as ort; from ddpm_plugin.export.providers import check_cuda; \
@@ -95,10 +101,10 @@ print('torch', torch.__version__, 'sees a GPU:', torch.cuda.is_available(), '| o
 ort.get_available_providers(), '| CUDA for onnxruntime:', check_cuda().reason)" 2>&1 | tee "$log"
     # Each benchmark reports its own failure and writes nothing without a GPU; the other still runs.
     "$PYTHON" benchmarks/onnx_cuda.py --output "$fresh" ${DDPM_ONNX_CUDA_ARGS:-} 2>&1 | tee -a "$log" || true
-    "$PYTHON" benchmarks/cuda_pytorch.py --compile --bound-images 0 $pytorch_args 2>&1 | tee "$pytorch" | tee -a "$log" || true
+    "$PYTHON" benchmarks/cuda_pytorch.py --bound-images 0 $pytorch_args 2>&1 | tee "$pytorch" | tee -a "$log" || true
     [[ -f $fresh ]] || { echo "gpu_onnx_cuda: no results, $RESULTS left as it was"; return 0; }
     if grep -q '^| ' "$pytorch"; then
-        printf '\n## PyTorch on the same GPU, same run\n\n    python benchmarks/cuda_pytorch.py --compile --bound-images 0 %s\n\n```\n%s\n```\n' \
+        printf '\n## PyTorch on the same GPU, same run\n\n    python benchmarks/cuda_pytorch.py --bound-images 0 %s\n\n```\n%s\n```\n' \
             "$pytorch_args" "$(grep -v -i warn "$pytorch")" >> "$fresh"
     fi
     mv "$fresh" "$RESULTS"

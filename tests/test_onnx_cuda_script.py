@@ -51,8 +51,8 @@ def setup(tmp_path):
     return wheel, manifest, env, tmp_path
 
 
-def script(env: dict, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+def script(env: dict, *args: str, timeout: int = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
 def split_and_receive(wheel: Path, env: dict, tmp_path: Path) -> list[Path]:
@@ -60,7 +60,7 @@ def split_and_receive(wheel: Path, env: dict, tmp_path: Path) -> list[Path]:
     assert result.returncode == 0, result.stderr
     parts = sorted((tmp_path / "parts").glob(f"{WHEEL_NAME}.part-*"))
     for part in parts:  # one transfer each: the command only copies its part out of the repository
-        assert script(env, "receive", str(part)).returncode == 0
+        assert script(env, "receive", part.name, cwd=part.parent).returncode == 0  # a path relative to the caller
     return parts
 
 
