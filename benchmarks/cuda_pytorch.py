@@ -1,6 +1,6 @@
 """Sampling on a CUDA GPU in PyTorch: `DDPMPaperPipeline` against stock diffusers `DDPMPipeline`, per precision.
 
-GPU only (it prints why and exits on a machine without CUDA). On the paper's cifar10 UNet (random weights, the
+GPU only (without a CUDA device it says so and runs nothing). On the paper's cifar10 UNet (random weights, the
 architecture is what costs) at each batch size it times, interleaved (ABAB...), ms per denoising step of:
 
 - stock `DDPMPipeline` in float32, under bf16 autocast, and with float16 weights (diffusers' `torch_dtype`
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated backends to time (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("skipped: no CUDA device for PyTorch here (this benchmark runs on a GPU machine).")
+        print(f"no CUDA device found: torch {torch.__version__} sees no GPU here, so nothing was run (this benchmark needs an NVIDIA GPU).")
         return
 
     from ddpm_plugin.presets import PaperUNet2DModel

@@ -66,7 +66,7 @@ def test_an_output_bound_over_its_input_is_applied_once_per_run():
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
         [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # old runtimes too
     session = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
     shared = np.zeros(2, dtype=np.float32)
     value = ort.OrtValue.ortvalue_from_numpy(shared)
