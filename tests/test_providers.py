@@ -57,13 +57,14 @@ GPU_BUILD = os.environ.get("DDPM_ONNXRUNTIME_GPU_PATH")
 
 @pytest.mark.skipif(not GPU_BUILD, reason="set DDPM_ONNXRUNTIME_GPU_PATH to a `pip install --target` folder of onnxruntime-gpu")
 def test_onnxruntime_gpu_without_cuda_runs_quietly_on_cpu():
-    """onnxruntime-gpu lists CUDAExecutionProvider here; `auto` must still choose the CPU without a word on stderr."""
+    """onnxruntime-gpu lists CUDAExecutionProvider here; preloading and `auto` must still choose the CPU without a word."""
     code = (
         "import onnxruntime as ort, sys\n"
         "from ddpm_plugin.bundled import DIGITS_MODEL\n"
         "from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline\n"
-        "from ddpm_plugin.export.providers import check_cuda\n"
-        "assert 'CUDAExecutionProvider' in ort.get_available_providers(), ort.__file__\n"
+        "from ddpm_plugin.export.providers import check_cuda, preload_cuda_libraries\n"
+        "assert 'CUDAExecutionProvider' in ort.get_available_providers() and hasattr(ort, 'preload_dlls'), ort.__file__\n"
+        "preload_cuda_libraries()  # finds no CUDA library here, and says nothing\n"
         "pipe = OnnxDDPMPipeline.from_pretrained(DIGITS_MODEL / 'onnx')\n"
         "pipe(batch_size=1, num_inference_steps=2, seed=0, progress_bar=False)\n"
         "print(pipe.providers, check_cuda().usable)\n"
