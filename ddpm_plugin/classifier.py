@@ -3,7 +3,7 @@
 FID's Inception network sees nothing useful in 28x28 grey digits, so sample quality of the MNIST model is measured
 with this classifier instead: the Frechet distance between its penultimate-layer features of samples and of test
 images (`frechet_distance`), its class histogram and its confidence. `train_digit_classifier` trains it on MNIST's
-training split in about a minute on one CPU thread (99% test accuracy); the trained weights ship in
+training split on one CPU thread (its test accuracy: docs/quality.md); the trained weights ship in
 `ddpm_plugin/bundled/mnist-classifier/` (safetensors).
 """
 
