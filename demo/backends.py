@@ -177,8 +177,9 @@ class DemoModel:
                 self._onnx_pipelines = self._load_onnx(num_threads, concurrency)
                 self.onnx_problem = None
             except Exception as error:  # an optional backend: the page explains why it is off
-                self.onnx_problem = f"{type(error).__name__}: {error}"
-                logger.warning("ONNX Runtime backend disabled for %s: %s", name, self.onnx_problem)
+                logger.warning("ONNX Runtime backend disabled for %s: %s: %s", name, type(error).__name__, error)
+                # Visitors see it too (the page, `/models`): the model's name stands for its server path.
+                self.onnx_problem = f"{type(error).__name__}: {error}".replace(str(folder), name)
 
     @property
     def has_onnx(self) -> bool:
