@@ -45,14 +45,16 @@ def with_scheduler(
     pipe: "DDPMPaperPipeline", scheduler: Sampler, variance_type: VarianceType | None = None
 ) -> "DDPMPaperPipeline":
     """A pipeline sharing `pipe`'s network with a scheduler of its own, so that concurrent callers never change
-    each other's timesteps: the paper's `DDPMScheduler` (`"ddpm"`, with `variance_type` when given) or a
-    `DDIMScheduler` (`"ddim"`) of the same training schedule."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    each other's timesteps: the paper's `DDPMScheduler` (`"ddpm"`, with `variance_type` when given), a
+    `DDIMScheduler` (`"ddim"`) or a second-order DPM-Solver++ (`"dpmsolver++"`) of the same training schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     check_sampler(scheduler)
     config = pipe.scheduler.config
     if scheduler == "ddim":
         new_scheduler = DDIMScheduler.from_config(config)
+    elif scheduler == "dpmsolver++":
+        new_scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     elif variance_type is not None:
         new_scheduler = DDPMScheduler.from_config(config, variance_type=variance_type)
     else:

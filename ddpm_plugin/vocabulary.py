@@ -8,22 +8,27 @@ pipeline's files are copied into every saved folder and load there without ddpm-
 
 from __future__ import annotations
 
-from numbers import Integral
+import math
+from numbers import Integral, Real
 from typing import Literal, get_args
 
 from .pipelines.gaussian_diffusion import VarianceType
 
 __all__ = [
     "BACKENDS", "Backend", "ONNX_FLOAT32_MODEL_FILE", "ONNX_METADATA_FILE", "ONNX_MODEL_FILE", "ONNX_SUBFOLDER", "PAPER_VARIANCE_TYPES",
-    "PIPELINE_MODULE", "PaperVarianceType", "SAMPLERS", "SCHEDULER_CONFIG", "Sampler", "TRAINING_CONFIG_FILE",
+    "PIPELINE_MODULE", "PaperVarianceType", "SAMPLERS", "SAMPLERS_WITHOUT_ETA", "SAMPLER_NAMES", "SCHEDULER_CONFIG", "Sampler", "TRAINING_CONFIG_FILE",
     "TRAINING_RUN_FILE", "VarianceType",
-    "check_sampler", "check_steps",
+    "check_eta", "check_sampler", "check_steps",
 ]
 
 # "ddpm": ancestral sampling (Algorithm 2) with the paper's `DDPMScheduler`; "ddim": Song et al. (2021) with a
-# `DDIMScheduler` of the same training schedule.
-Sampler = Literal["ddpm", "ddim"]
+# `DDIMScheduler` of the same training schedule; "dpmsolver++": Lu et al. (2022), second-order multistep in data
+# prediction, with a `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)` of it.
+Sampler = Literal["ddpm", "ddim", "dpmsolver++"]
 SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)
+# The samplers without DDIM's stochasticity `eta` (it must be 0 with them).
+SAMPLERS_WITHOUT_ETA: tuple[Sampler, ...] = ("ddpm", "dpmsolver++")
+SAMPLER_NAMES: dict[Sampler, str] = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}  # in messages
 Backend = Literal["onnxruntime", "pytorch"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)  # ONNX Runtime first: the default where an export exists
 # The paper's two sigma_t^2 (Sec. 3.2), which the presets and the demo offer; `VarianceType` adds diffusers'
@@ -45,7 +50,17 @@ TRAINING_RUN_FILE = "training_run.json"  # beside a bundled model: steps, wall t
 def check_sampler(scheduler: str) -> None:
     """Refuse anything but a [`Sampler`]."""
     if scheduler not in SAMPLERS:
-        raise ValueError(f"`scheduler` must be {' or '.join(map(repr, SAMPLERS))}, got {scheduler!r}.")
+        raise ValueError(f"`scheduler` must be one of {', '.join(map(repr, SAMPLERS))}, got {scheduler!r}.")
+
+
+def check_eta(scheduler: str, eta: float) -> None:
+    """Refuse an `eta` that is not a finite number >= 0, and any `eta` but 0 for a sampler that has none."""
+    if not (isinstance(eta, Real) and math.isfinite(eta) and eta >= 0.0):
+        raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
+    if scheduler in SAMPLERS_WITHOUT_ETA and eta != 0.0:
+        raise ValueError(
+            f"`eta` is DDIM's; the {SAMPLER_NAMES[scheduler]} sampler has none (got eta={eta}): use scheduler 'ddim' or eta 0."
+        )
 
 
 def check_steps(num_inference_steps: int, num_train_timesteps: int) -> None:

@@ -126,3 +126,75 @@ def ddim_step_function(
         return x_prev, pred_original_sample
 
     return step
+
+
+# --- DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+# Models", Algorithm 2: multistep, second order, in data prediction). ---
+
+
+def dpm_solver_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
+    """The descending timesteps `DPMSolverMultistepScheduler.set_timesteps` chooses under the configuration's
+    `timestep_spacing`: `num_inference_steps` + 1 points of which the last (the clean end) is dropped, since the
+    final step goes to sigma = 0. A spacing that would visit a timestep twice is refused."""
+    num_train_timesteps = config.get("num_train_timesteps", 1000)
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing == "linspace":
+        timesteps = np.linspace(0, num_train_timesteps - 1, num_inference_steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        step_ratio = num_train_timesteps // (num_inference_steps + 1)
+        timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio)[::-1][:-1] + config.get("steps_offset", 0)
+    elif spacing == "trailing":
+        step_ratio = num_train_timesteps / num_inference_steps
+        timesteps = np.arange(num_train_timesteps, 0, -step_ratio).round() - 1
+    else:
+        raise ValueError(f"`timestep_spacing` must be 'linspace', 'leading' or 'trailing', got {spacing!r}.")
+    timesteps = timesteps.astype(np.int64)
+    if len(np.unique(timesteps)) != len(timesteps) or timesteps.max() >= num_train_timesteps:
+        problem = "visit a timestep twice" if len(np.unique(timesteps)) != len(timesteps) else (
+            f"visit t={timesteps.max()} (steps_offset {config.get('steps_offset', 0)}), past the last timestep")
+        raise ValueError(
+            f"`num_inference_steps` {num_inference_steps} is too many for dpmsolver++ with timestep_spacing "
+            f"{spacing!r} over {num_train_timesteps} training steps: it would {problem}; use fewer steps."
+        )
+    return timesteps
+
+
+def dpm_solver_step_function(diffusion: GaussianDiffusion, config: Mapping[str, Any], timesteps: np.ndarray) -> StepFunction:
+    """DPM-Solver++(2M) as `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)`: first
+    order at the first step (no earlier x_0 yet) and at the last, which goes to sigma = 0 and so returns the
+    predicted x_0; second order in between. The predicted x_0 is not clipped (diffusers' solver ignores
+    `clip_sample`). Deterministic: `generator` is not read.
+
+    With alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) and lambda_t = log(alpha_t / sigma_t), a step
+    from s to t (h = lambda_t - lambda_s) is
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D,
+    with D = x_0(s) at first order and D = (1 + 1/(2r)) x_0(s) - 1/(2r) x_0(s') at second order, where s' is the
+    step before s and r = (lambda_s - lambda_s') / h.
+    """
+    check_epsilon_prediction(config)
+    alpha_bar = diffusion.alphas_cumprod[timesteps]
+    alphas = np.append(np.sqrt(alpha_bar), 1.0)  # the final "timestep" is the clean end: alpha 1, sigma 0
+    sigmas = np.append(np.sqrt(1.0 - alpha_bar), 0.0)
+    with np.errstate(divide="ignore"):
+        lambdas = np.log(alphas) - np.log(sigmas)  # lambda = +inf at the clean end
+    num_steps = len(timesteps)
+    previous: list[np.ndarray] = []  # x_0 predicted at the step before
+
+    def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
+        if i == 0:
+            previous.clear()
+        # x_0 = (x_s - sigma_s eps) / alpha_s (data prediction).
+        pred_original_sample = (x_t - sigmas[i] * noise_pred) / alphas[i]
+        if i == num_steps - 1:  # to sigma = 0: x_t = x_0 (first order with exp(-h) = 0)
+            x_prev = pred_original_sample.copy()
+        else:
+            h = lambdas[i + 1] - lambdas[i]
+            data = pred_original_sample
+            if previous:  # second order: the difference quotient of x_0 over lambda
+                r = (lambdas[i] - lambdas[i - 1]) / h
+                data = (1.0 + 0.5 / r) * pred_original_sample - (0.5 / r) * previous[0]
+            x_prev = (sigmas[i + 1] / sigmas[i]) * x_t - alphas[i + 1] * np.expm1(-h) * data
+        previous[:] = [pred_original_sample]
+        return x_prev, pred_original_sample
+
+    return step

@@ -31,7 +31,10 @@ from ddpm_plugin.model_folder import FLOAT32_BYTES, SAMPLE_BUFFERS
 from ddpm_plugin.trust import check_allocation
 from ddpm_plugin.vocabulary import Sampler, VarianceType, check_sampler, check_steps
 
-from .numpy_sampler import ddim_sigma, ddim_step_function, ddpm_step_function, inference_timesteps, respace
+from .numpy_sampler import (
+    ddim_sigma, ddim_step_function, ddpm_step_function, dpm_solver_step_function, dpm_solver_timesteps,
+    inference_timesteps, respace,
+)
 from .onnx_folder import (
     FORMAT_VERSION,
     OnnxModelError,
@@ -309,9 +312,11 @@ class OnnxDDPMPipeline:
                 Denoising steps, 1..T; fewer steps use the timesteps and respaced posterior diffusers uses.
             scheduler (`str`, *optional*, defaults to `"ddpm"`):
                 `"ddpm"` (ancestral sampling, Algorithm 2, as `DDPMScheduler`) or `"ddim"` (Song et al. 2021, as
-                `DDIMScheduler.from_config` of the same configuration).
+                `DDIMScheduler.from_config` of the same configuration) or `"dpmsolver++"` (Lu et al. 2022,
+                second-order multistep in data prediction, as `DPMSolverMultistepScheduler(algorithm_type=
+                "dpmsolver++", solver_order=2)` of the same configuration; deterministic).
             eta (`float`, *optional*, defaults to 0.0):
-                DDIM's stochasticity (0: deterministic, 1: DDPM-like); ignored by `"ddpm"`.
+                DDIM's stochasticity (0: deterministic, 1: DDPM-like); ignored by `"ddpm"` and `"dpmsolver++"`.
             variance_type (`str`, *optional*):
                 sigma_t^2 of `"ddpm"`: `"fixed_large"` (beta_t) or `"fixed_small"` (beta_tilde_t); defaults to
                 the scheduler configuration's.
@@ -345,7 +350,10 @@ class OnnxDDPMPipeline:
         if generator is None:
             generator = np.random.default_rng(seed)
         unet = self.bound_unet(batch_size)
-        timesteps = inference_timesteps(self.scheduler_config, num_inference_steps)
+        if scheduler == "dpmsolver++":
+            timesteps = dpm_solver_timesteps(self.scheduler_config, num_inference_steps)
+        else:
+            timesteps = inference_timesteps(self.scheduler_config, num_inference_steps)
 
         # 1. x_T ~ N(0, I), written straight into the UNet's bound input buffer.
         if latents is None:
@@ -354,6 +362,8 @@ class OnnxDDPMPipeline:
 
         if scheduler == "ddpm":
             step = ddpm_step_function(self.diffusion, self.scheduler_config, timesteps, variance_type)
+        elif scheduler == "dpmsolver++":
+            step = dpm_solver_step_function(self.diffusion, self.scheduler_config, timesteps)
         else:
             step = ddim_step_function(self.diffusion, self.scheduler_config, timesteps, eta, num_inference_steps)
         for i, t in enumerate(tqdm(timesteps, disable=not progress_bar, leave=False)):

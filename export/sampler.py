@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
-
 from ddpm_plugin.sampling import (
     ImageSampler,
     OnnxImageSampler,
@@ -20,7 +18,9 @@ from ddpm_plugin.sampling import (
     load_pipeline,
     loaded_files,
 )
-from ddpm_plugin.vocabulary import BACKENDS, Backend, Sampler, check_sampler, check_steps
+from ddpm_plugin.vocabulary import BACKENDS, Backend, Sampler, check_eta, check_sampler, check_steps
+
+from .numpy_sampler import dpm_solver_timesteps
 
 
 def open_sampler(
@@ -43,9 +43,9 @@ def open_sampler(
         model (`str` or `os.PathLike`): The pipeline folder, or an export folder for ONNX Runtime.
         backend (`str`, *optional*): `"onnxruntime"` or `"pytorch"`; defaults to ONNX Runtime when the folder is or
             carries an export ([`default_backend`]).
-        scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` (Algorithm 2) or `"ddim"`.
+        scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` (Algorithm 2), `"ddim"` or `"dpmsolver++"`.
         num_inference_steps (`int`, *optional*, defaults to 1000): Denoising steps, 1..T.
-        eta (`float`, *optional*, defaults to 0.0): DDIM's stochasticity; must be 0 with `"ddpm"`.
+        eta (`float`, *optional*, defaults to 0.0): DDIM's stochasticity; must be 0 with `"ddpm"` and `"dpmsolver++"`.
         seed (`int`, *optional*, defaults to 0): The run's seed, 0..2**63-1.
         device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"`, `"cuda:N"`, or `"auto"` (CUDA when
             usable here, else the CPU).
@@ -59,10 +59,7 @@ def open_sampler(
         raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
     check_sampler(scheduler)
     check_seed(seed)
-    if not eta >= 0.0 or not np.isfinite(eta):
-        raise ValueError(f"`eta` must be a finite number >= 0, got {eta!r}.")
-    if scheduler == "ddpm" and eta != 0.0:
-        raise ValueError(f"`eta` is DDIM's; the DDPM sampler has none (got eta={eta}): use scheduler 'ddim' or eta 0.")
+    check_eta(scheduler, eta)
     loaded = loaded_files(model, backend)  # before loading: a link or a device is refused, never read
     if backend == "pytorch":
         if device == "auto":
@@ -72,6 +69,8 @@ def open_sampler(
         pipe = load_pipeline(model, scheduler).to(device)
         pipe.set_progress_bar_config(leave=False, disable=not progress_bar)
         check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
+        if scheduler == "dpmsolver++":  # refuses a step count whose timesteps repeat
+            dpm_solver_timesteps(pipe.scheduler.config, num_inference_steps)
         return TorchImageSampler(pipe, num_inference_steps, seed, scheduler, eta, loaded)
     from .onnx_pipeline import OnnxDDPMPipeline
 
@@ -82,4 +81,6 @@ def open_sampler(
     pipe = OnnxDDPMPipeline.from_pretrained(model, provider=provider, num_threads=num_threads,
                                             session_options=session_options)
     check_steps(num_inference_steps, pipe.diffusion.num_timesteps)
+    if scheduler == "dpmsolver++":
+        dpm_solver_timesteps(pipe.scheduler_config, num_inference_steps)
     return OnnxImageSampler(pipe, num_inference_steps, seed, scheduler, eta, loaded, progress_bar)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from typing import get_args
@@ -14,6 +15,7 @@ from ddpm_plugin.vocabulary import (
     PAPER_VARIANCE_TYPES,
     SAMPLERS,
     VarianceType,
+    check_eta,
     check_sampler,
     check_steps,
 )
@@ -26,7 +28,7 @@ def test_the_paper_variance_types_are_ones_the_scheduler_accepts():
 def test_check_sampler_names_the_allowed_samplers():
     for sampler in SAMPLERS:
         check_sampler(sampler)
-    with pytest.raises(ValueError, match=r"`scheduler` must be 'ddpm' or 'ddim', got 'pndm'"):
+    with pytest.raises(ValueError, match=r"`scheduler` must be one of 'ddpm', 'ddim', 'dpmsolver\+\+', got 'pndm'"):
         check_sampler("pndm")
 
 
@@ -58,3 +60,17 @@ def test_with_scheduler_gives_a_scheduler_of_its_own_sharing_the_network(tiny_pi
     assert small.scheduler is not tiny_pipeline.scheduler
     with pytest.raises(ValueError, match=r"`scheduler` must be"):
         with_scheduler(tiny_pipeline, "euler")
+
+
+@pytest.mark.parametrize(("scheduler", "name"), [("ddpm", "DDPM"), ("dpmsolver++", "DPM-Solver++")])
+def test_check_eta_refuses_eta_for_the_samplers_without_one(scheduler, name):
+    check_eta("ddim", 0.5)
+    check_eta(scheduler, 0.0)
+    with pytest.raises(ValueError, match=rf"`eta` is DDIM's; the {re.escape(name)} sampler has none"):
+        check_eta(scheduler, 0.5)
+
+
+@pytest.mark.parametrize("eta", [-0.1, float("nan"), float("inf")])
+def test_check_eta_refuses_negative_and_non_finite_values(eta):
+    with pytest.raises(ValueError, match=r"`eta` must be a finite number >= 0"):
+        check_eta("ddim", eta)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ddpm_plugin.sampling import MAX_SEED
-from ddpm_plugin.vocabulary import BACKENDS, SAMPLERS
+from ddpm_plugin.vocabulary import BACKENDS, SAMPLER_NAMES, SAMPLERS, SAMPLERS_WITHOUT_ETA
 
 from .arguments import MODEL_HELP, finite_float, whole_number
 
@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (and per shard)")
     parser.add_argument("--steps", type=int, default=1000, help="denoising steps (1..1000)")
     parser.add_argument("--seed", type=int, default=0, help=f"random seed (0..{MAX_SEED})")
-    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddpm", help="sampler")
+    parser.add_argument("--scheduler", "--sampler", dest="scheduler", choices=SAMPLERS, default="ddpm",
+                        help="sampler: ddpm (the paper's ancestral sampling), ddim, or dpmsolver++ (second-order "
+                             "DPM-Solver++, deterministic, for few steps)")
     parser.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
     parser.add_argument("--backend", choices=BACKENDS,
                         help="onnxruntime (the default when the model folder carries an onnx/ export) or pytorch")
@@ -46,8 +48,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}.")
     if args.eta < 0:
         raise ValueError(f"--eta must be a finite number >= 0, got {args.eta}.")
-    if args.eta != 0 and args.scheduler == "ddpm":
-        raise ValueError(f"--eta {args.eta} is DDIM's stochasticity; the DDPM sampler has none: add --scheduler ddim or drop --eta.")
+    if args.eta != 0 and args.scheduler in SAMPLERS_WITHOUT_ETA:
+        raise ValueError(f"--eta {args.eta} is DDIM's stochasticity; the {SAMPLER_NAMES[args.scheduler]} sampler has none: add --scheduler ddim or drop --eta.")
     if args.output_dir is None:
         check_picture_path(Path(args.output or "grid.png"))
 
