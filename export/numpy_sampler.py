@@ -1,7 +1,8 @@
-"""The NumPy step math of the ONNX Runtime sampler: DDPM (Ho et al. 2020, Algorithm 2) and DDIM (Song et al. 2021)
-on the float64 coefficients of [`GaussianDiffusion`], with the timesteps and respaced schedule diffusers' schedulers
-choose. `demo/web/sampler.js` is the same math in JavaScript, function for function (`inferenceTimesteps`,
-`respacedSchedule`, `ddimSigma`, `ddpmStepFunction`, `ddimStepFunction`): change both together.
+"""The NumPy step math of the ONNX Runtime sampler: DDPM (Ho et al. 2020, Algorithm 2), DDIM (Song et al. 2021)
+and DPM-Solver++ (Lu et al. 2022, second-order multistep) on the float64 coefficients of [`GaussianDiffusion`],
+with the timesteps and respaced schedule diffusers' schedulers choose. `demo/web/sampler.js` is the same math in
+JavaScript, function for function (`inferenceTimesteps`, `respacedSchedule`, `ddimSigma`, `ddpmStepFunction`,
+`ddimStepFunction`, `dpmSolverTimesteps`, `dpmSolverStepFunction`): change both together.
 
 NumPy only (no onnxruntime, no torch).
 """
@@ -134,20 +135,15 @@ def ddim_step_function(
 
 def dpm_solver_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
     """The descending timesteps `DPMSolverMultistepScheduler.set_timesteps` chooses under the configuration's
-    `timestep_spacing`: `num_inference_steps` + 1 points of which the last (the clean end) is dropped, since the
-    final step goes to sigma = 0. A spacing that would visit a timestep twice is refused."""
+    `timestep_spacing`: for "linspace" and "leading", the `num_inference_steps` + 1 timesteps of
+    [`inference_timesteps`] without the last, since the final step goes to sigma = 0; for "trailing", those of
+    `num_inference_steps`. A step count whose timesteps would repeat or pass T - 1 is refused."""
     num_train_timesteps = config.get("num_train_timesteps", 1000)
     spacing = config.get("timestep_spacing", "leading")
-    if spacing == "linspace":
-        timesteps = np.linspace(0, num_train_timesteps - 1, num_inference_steps + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-        step_ratio = num_train_timesteps // (num_inference_steps + 1)
-        timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio)[::-1][:-1] + config.get("steps_offset", 0)
-    elif spacing == "trailing":
-        step_ratio = num_train_timesteps / num_inference_steps
-        timesteps = np.arange(num_train_timesteps, 0, -step_ratio).round() - 1
+    if spacing == "trailing":
+        timesteps = inference_timesteps(config, num_inference_steps)
     else:
-        raise ValueError(f"`timestep_spacing` must be 'linspace', 'leading' or 'trailing', got {spacing!r}.")
+        timesteps = inference_timesteps(config, num_inference_steps + 1)[:-1]
     timesteps = timesteps.astype(np.int64)
     if len(np.unique(timesteps)) != len(timesteps) or timesteps.max() >= num_train_timesteps:
         problem = "visit a timestep twice" if len(np.unique(timesteps)) != len(timesteps) else (

@@ -28,6 +28,7 @@ from ddpm_plugin.bundled import DIGITS_MODEL, MNIST_MODEL
 from ddpm_plugin.demo.backends import MAX_IMAGES, MAX_SEED
 from ddpm_plugin.demo.web import site
 from ddpm_plugin.export.coefficients import ARRAYS, COEFFICIENTS_FILE, write_coefficients
+from ddpm_plugin.export.numpy_sampler import dpm_solver_timesteps
 from ddpm_plugin.export.onnx_pipeline import BoundUNet, OnnxDDPMPipeline, OnnxModelError, inference_timesteps
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
 from ddpm_plugin.trust import UntrustedInputError
@@ -412,13 +413,26 @@ def test_page_loads_everything_from_its_own_host_cross_origin_isolated(browser, 
 def test_page_timesteps_equal_python(api_page, config):
     scheduler = {"num_train_timesteps": 1000, **config}
     counts = [1, 2, 3, 7, 50, 99, 100, 333, 999, 1000]
-    actual = api_page.evaluate(
-        "async ([scheduler, counts]) => { const m = await import('./sampler.js');"
-        " return counts.map((n) => m.inferenceTimesteps(scheduler, n)); }",
-        [scheduler, counts],
-    )
-    for n, timesteps in zip(counts, actual):
-        assert timesteps == inference_timesteps(scheduler, n).tolist(), n
+    dpm_counts = [n for n in counts if n < 999]  # 999 and 1000 repeat a timestep (or pass T - 1) under some spacings
+    for function, python, ns in [("inferenceTimesteps", inference_timesteps, counts),
+                                 ("dpmSolverTimesteps", dpm_solver_timesteps, dpm_counts)]:
+        actual = api_page.evaluate(
+            f"async ([scheduler, counts]) => {{ const m = await import('./sampler.js');"
+            f" return counts.map((n) => m.{function}(scheduler, n)); }}",
+            [scheduler, ns],
+        )
+        for n, timesteps in zip(ns, actual):
+            assert timesteps == python(scheduler, n).tolist(), (function, n)
+
+
+@pytest.mark.browser
+def test_page_refuses_a_dpmsolver_step_count_that_repeats_a_timestep(api_page):
+    values = {"sampler": "dpmsolver++", "varianceType": "fixed_large", "eta": "0", "steps": "1000", "numImages": "1",
+              "seed": "0"}
+    error = api_page.evaluate("(values) => window.ddpm.checkRequest(values).then(() => null, (e) => e.message)", values)
+    assert error.startswith("Steps 1000 is too many for DPM-Solver++ with timestep_spacing 'leading'")
+    assert api_page.evaluate("(values) => window.ddpm.checkRequest(values).then((r) => r.numInferenceSteps)",
+                             dict(values, steps="10")) == 10
 
 
 def _inputs(shape: tuple[int, ...], num_inference_steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -459,6 +473,7 @@ def _parity(sampler_pair, num_inference_steps, seed, **options):
         (100, {"sampler": "ddpm", "varianceType": "fixed_small"}),
         (50, {"sampler": "ddim", "eta": 0.0}),
         (50, {"sampler": "ddim", "eta": 1.0}),
+        (10, {"sampler": "dpmsolver++"}),
     ],
 )
 def test_page_loop_is_numpys_bit_for_bit_given_the_same_eps(api_page, onnx_pipeline, monkeypatch, num_inference_steps, options):
@@ -496,6 +511,12 @@ def test_browser_ddpm_1000_steps_matches_onnx_pipeline(sampler_pair):
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_browser_ddim_50_steps_matches_onnx_pipeline(sampler_pair, eta):
     assert _parity(sampler_pair, 50, seed=2, sampler="ddim", eta=eta) <= PARITY_TOLERANCE
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("num_inference_steps", [10, 20])
+def test_browser_dpmsolver_matches_onnx_pipeline(sampler_pair, num_inference_steps):
+    assert _parity(sampler_pair, num_inference_steps, seed=5, sampler="dpmsolver++") <= PARITY_TOLERANCE
 
 
 @pytest.mark.browser
@@ -558,6 +579,9 @@ def test_page_generates_samples_and_progression_then_rejects_bad_controls_keepin
     page = browser.new_page()
     page.goto(page_url + "?autorun=0")
     page.evaluate("window.ddpm.ready")
+    # The page opens on the default sampler of docs/results/dpmsolver_mnist.md, without DDIM's eta.
+    assert (page.input_value("#sampler"), page.input_value("#steps")) == ("dpmsolver++", "10")
+    assert page.is_hidden("#eta-row") and page.is_hidden("#variance-row")
     _generate(page, sampler="ddim", steps="20", **{"num-images": "4", "seed": "7"})
     page.wait_for_function("document.querySelectorAll('#gallery a.sample').length === 4")
     page.wait_for_function("!document.querySelector('#generate').disabled")

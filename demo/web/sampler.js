@@ -1,4 +1,5 @@
-// The DDPM sampler (Ho et al. 2020, Algorithm 2) and DDIM (Song et al. 2021) around one onnxruntime-web session.
+// The DDPM sampler (Ho et al. 2020, Algorithm 2), DDIM (Song et al. 2021) and DPM-Solver++ (Lu et al. 2022, second
+// order multistep) around one onnxruntime-web session.
 //
 // This is `OnnxDDPMPipeline` (export/onnx_pipeline.py) in JavaScript, step for step: the same timesteps, the
 // same float64 coefficients (read from the export's `diffusion_coefficients.json`, never re-typed here) and
@@ -65,6 +66,21 @@ export function respacedSchedule(coefficients, timesteps) {
   return schedule;
 }
 
+/** The descending timesteps of diffusers' `DPMSolverMultistepScheduler` (`dpm_solver_timesteps` in Python): for
+ * "linspace" and "leading" those of n + 1 steps without the last (the final step goes to sigma = 0), for
+ * "trailing" those of n steps. A step count whose timesteps would repeat or pass T - 1 is refused. */
+export function dpmSolverTimesteps(scheduler, numInferenceSteps) {
+  const T = scheduler.num_train_timesteps;
+  const timesteps = scheduler.timestep_spacing === "trailing"
+    ? inferenceTimesteps(scheduler, numInferenceSteps)
+    : inferenceTimesteps(scheduler, numInferenceSteps + 1).slice(0, -1);
+  if (new Set(timesteps).size !== timesteps.length || Math.max(...timesteps) >= T) {
+    throw new Error(`Steps ${numInferenceSteps} is too many for DPM-Solver++ with timestep_spacing ` +
+      `'${scheduler.timestep_spacing}' over ${T} training steps; use fewer steps.`);
+  }
+  return timesteps;
+}
+
 /** sigma_t(eta) of Song et al. (2021), Eq. 16 (`ddim_sigma` in Python). */
 export function ddimSigma(alphaBarT, alphaBarPrev, eta) {
   return eta * Math.sqrt((1.0 - alphaBarPrev) / (1.0 - alphaBarT) * (1.0 - alphaBarT / alphaBarPrev));
@@ -128,6 +144,39 @@ function ddimStepFunction(coefficients, timesteps, eta, clipRange) {
       const value = a * x0[j] + b * eps[j];
       xPrev[j] = z === null ? value : value + Math.fround(sigma32 * z[j]);
     }
+    return [xPrev, x0];
+  };
+}
+
+/** DPM-Solver++(2M) (Lu et al. 2022; `dpm_solver_step_function` in Python): with alpha = sqrt(alpha_bar),
+ * sigma = sqrt(1 - alpha_bar) and lambda = log(alpha / sigma), a step from s to t (h = lambda_t - lambda_s) is
+ * x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D, with D the predicted x_0 (first order: the first step)
+ * or (1 + 1/(2r)) x_0(s) - 1/(2r) x_0(s') (second order, r = (lambda_s - lambda_s') / h); the last step goes to
+ * sigma = 0 and returns x_0. x_0 is not clipped (diffusers' solver ignores clip_sample); no noise is drawn. */
+function dpmSolverStepFunction(coefficients, timesteps) {
+  const n = timesteps.length;
+  const alphas = [...timesteps.map((t) => Math.sqrt(coefficients.alphas_cumprod[t])), 1.0];
+  const sigmas = [...timesteps.map((t) => Math.sqrt(1.0 - coefficients.alphas_cumprod[t])), 0.0];
+  const lambdas = alphas.map((alpha, k) => Math.log(alpha) - Math.log(sigmas[k]));  // +Infinity at the clean end
+  let previous = null;  // x_0 predicted at the step before
+  return (i, xT, eps) => {
+    if (i === 0) previous = null;
+    const x0 = new Float64Array(xT.length);
+    for (let j = 0; j < xT.length; j++) x0[j] = (xT[j] - sigmas[i] * eps[j]) / alphas[i];
+    const xPrev = new Float32Array(xT.length);
+    if (i === n - 1) {
+      xPrev.set(x0);
+    } else {
+      const h = lambdas[i + 1] - lambdas[i];
+      const ratio = sigmas[i + 1] / sigmas[i];
+      const coefficient = alphas[i + 1] * Math.expm1(-h);
+      const r = previous === null ? null : (lambdas[i] - lambdas[i - 1]) / h;
+      for (let j = 0; j < xT.length; j++) {
+        const data = r === null ? x0[j] : (1.0 + 0.5 / r) * x0[j] - (0.5 / r) * previous[j];
+        xPrev[j] = ratio * xT[j] - coefficient * data;
+      }
+    }
+    previous = x0;
     return [xPrev, x0];
   };
 }
@@ -199,8 +248,8 @@ export function replayedNormal(values) {
  * @param {object} options
  * @param {number} options.batchSize - the number of images.
  * @param {number} options.numInferenceSteps - denoising steps, 1..T.
- * @param {string} options.sampler - "ddpm" (ancestral, Algorithm 2) or "ddim".
- * @param {number} options.eta - DDIM's stochasticity; ignored by "ddpm".
+ * @param {string} options.sampler - "ddpm" (ancestral, Algorithm 2), "ddim" or "dpmsolver++".
+ * @param {number} options.eta - DDIM's stochasticity; ignored by "ddpm" and "dpmsolver++".
  * @param {string} options.varianceType - "fixed_large" or "fixed_small" ("ddpm" only).
  * @param {object} options.normal - the noise source (`batchedNormal` of `seededNormal`s, or `replayedNormal`).
  * @param {Float32Array} [options.latents] - x_T (NCHW); drawn from `normal` when not given.
@@ -217,11 +266,15 @@ export async function sample(model, options) {
   }
   const shape = [batchSize, metadata.in_channels, metadata.sample_size, metadata.sample_size];
   const size = shape.reduce((a, b) => a * b, 1);
-  const timesteps = inferenceTimesteps(scheduler, numInferenceSteps);
+  const timesteps = sampler === "dpmsolver++"
+    ? dpmSolverTimesteps(scheduler, numInferenceSteps)
+    : inferenceTimesteps(scheduler, numInferenceSteps);
   const clipRange = scheduler.clip_sample ? scheduler.clip_sample_range : null;
-  const step = sampler === "ddpm"
-    ? ddpmStepFunction(coefficients, timesteps, varianceType, clipRange)
-    : ddimStepFunction(coefficients, timesteps, eta, clipRange);
+  const step = {
+    ddpm: () => ddpmStepFunction(coefficients, timesteps, varianceType, clipRange),
+    ddim: () => ddimStepFunction(coefficients, timesteps, eta, clipRange),
+    "dpmsolver++": () => dpmSolverStepFunction(coefficients, timesteps),
+  }[sampler]();
   const [inputName, timestepName] = metadata.input_names;
 
   // 1. x_T ~ N(0, I).
