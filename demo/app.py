@@ -55,14 +55,17 @@ from ddpm_plugin.demo.web.site import WEB_PATH, mount_page
 from ddpm_plugin.vocabulary import PAPER_VARIANCE_TYPES, SAMPLERS
 
 DDPM_STEPS = 1000  # the paper samples with all T steps
-DDIM_STEPS = 50
+# Steps each sampler starts with (DDPM: all T). The demo opens on DPM-Solver++: the fastest sampler within 5% of
+# DDIM-50's classifier Frechet distance on MNIST (docs/results/dpmsolver_mnist.md).
+DEFAULT_SAMPLER = "dpmsolver++"
+FEW_STEPS = {"ddim": 50, "dpmsolver++": 10}
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete generated pictures older than an hour
 # Generation, interpolation and bits/dim share one concurrency limit: together they never run more than
 # `--concurrency` model requests at once (and generation never needs more ONNX sessions than the engine holds).
 MODEL_QUEUE = "model"
 
 BACKEND_LABELS = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
-SAMPLER_LABELS = {"ddpm": "DDPM (ancestral, paper)", "ddim": "DDIM"}
+SAMPLER_LABELS = {"ddpm": "DDPM (ancestral, paper)", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
 VARIANCE_LABELS = {"fixed_large": "fixed_large (σ² = β_t)", "fixed_small": "fixed_small (σ² = β̃_t)"}
 
 INTRO = """# Denoising Diffusion Probabilistic Models
@@ -89,7 +92,8 @@ Uploads are converted to the model's size and colours. Runs on PyTorch."""
 HINTS = {
     "model": "Which trained network draws the pictures.",
     "backend": "The software that runs the network; both give the same kind of pictures.",
-    "sampler": "DDPM is the paper's slow, careful way (1000 steps); DDIM gets similar pictures in far fewer steps.",
+    "sampler": "DDPM is the paper's slow, careful way (1000 steps); DDIM gets similar pictures in far fewer steps, "
+               "DPM-Solver++ in fewer still.",
     "variance": "How much fresh noise DDPM adds back at each step (the paper tried both).",
     "eta": "0 gives the same picture for the same seed and noise; 1 adds fresh noise like DDPM.",
     "steps": "More steps take longer and usually look cleaner.",
@@ -251,11 +255,10 @@ def build_demo(engine: DemoEngine, uploads: UploadStore) -> gr.Blocks:
         return training_summary(chosen.folder), gr.update(value=chosen.interpolation_t), chosen.interpolation_hint
 
     def sampler_controls(sampler: str) -> tuple[Any, Any, Any]:
-        ddpm = sampler == "ddpm"
         return (
-            gr.update(value=DDPM_STEPS if ddpm else DDIM_STEPS),
-            gr.update(visible=ddpm),
-            gr.update(visible=not ddpm),
+            gr.update(value=FEW_STEPS.get(sampler, DDPM_STEPS)),
+            gr.update(visible=sampler == "ddpm"),
+            gr.update(visible=sampler == "ddim"),
         )
 
     models = engine.model_names
@@ -277,14 +280,14 @@ def build_demo(engine: DemoEngine, uploads: UploadStore) -> gr.Blocks:
                 with gr.Column(scale=1, min_width=280):
                     backend = Radio(_choices(BACKEND_LABELS, backends), value=backends[0], label="Backend",
                                     info=HINTS["backend"], elem_id="backend")
-                    sampler = Radio(_choices(SAMPLER_LABELS, SAMPLERS), value="ddpm", label="Sampler",
+                    sampler = Radio(_choices(SAMPLER_LABELS, SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler",
                                     info=HINTS["sampler"], elem_id="sampler")
                     variance_type = Radio(_choices(VARIANCE_LABELS, PAPER_VARIANCE_TYPES),
                                           value=default_variance, label="Variance σ²", info=HINTS["variance"],
-                                          elem_id="variance")
+                                          visible=DEFAULT_SAMPLER == "ddpm", elem_id="variance")
                     eta = Slider(0.0, 1.0, value=0.0, step=0.05, label="DDIM η (0 = deterministic)",
-                                 info=HINTS["eta"], visible=False, elem_id="eta")
-                    steps = Number(DDPM_STEPS, precision=0, label=f"Steps (1..{engine.max_steps})",
+                                 info=HINTS["eta"], visible=DEFAULT_SAMPLER == "ddim", elem_id="eta")
+                    steps = Number(FEW_STEPS.get(DEFAULT_SAMPLER, DDPM_STEPS), precision=0, label=f"Steps (1..{engine.max_steps})",
                                    info=HINTS["steps"], elem_id="steps")
                     num_images = Number(4, precision=0, label=f"Number of images (1..{engine.max_images})",
                                         info=HINTS["num_images"], elem_id="num-images")

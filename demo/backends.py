@@ -86,13 +86,13 @@ class GenerationRequest:
     Args:
         model (`str`): The name of a configured model (never a path).
         backend (`str`, defaults to `"onnxruntime"`): `"onnxruntime"` or `"pytorch"`.
-        sampler (`str`, defaults to `"ddpm"`): `"ddpm"` (the paper's ancestral sampler) or `"ddim"`.
+        sampler (`str`, defaults to `"ddpm"`): `"ddpm"` (the paper's ancestral sampler), `"ddim"` or `"dpmsolver++"`.
         variance_type (`str`, defaults to `"fixed_large"`): sigma_t^2 of the ancestral sampler, beta_t
             (`"fixed_large"`) or beta_tilde_t (`"fixed_small"`); DDIM ignores it.
         num_inference_steps (`int`, defaults to 1000): Denoising steps, 1..`num_train_timesteps`.
         num_images (`int`, defaults to 4): Images to generate, 1..the engine's `max_images`.
         seed (`int`, defaults to 0): Seed of the initial noise and of every step's noise, 0..`MAX_SEED`.
-        eta (`float`, defaults to 0.0): DDIM's stochasticity in 0..1; the ancestral sampler ignores it.
+        eta (`float`, defaults to 0.0): DDIM's stochasticity in 0..1; the ancestral sampler and DPM-Solver++ ignore it.
     """
 
     model: str

@@ -332,12 +332,16 @@ class DDPMPaperPipeline(DDPMPipeline):
             # 4. x_{t-1} ~ p_theta(x_{t-1} | x_t): x_0 from eps_theta (Eq. 15), clipped, then the posterior mean
             #    mu~_t(x_t, x_0) (Eq. 7) plus sigma_t z.
             step = self.scheduler.step(model_output, t, latents, **step_kwargs)
-            latents = step.prev_sample
+            x_t, latents = latents, step.prev_sample
             if callback_on_step_end is not None:
+                pred_original_sample = getattr(step, "pred_original_sample", None)
+                if pred_original_sample is None:  # schedulers such as DPM-Solver++ return none: Eq. 15, unclipped
+                    alpha_bar = self.scheduler.alphas_cumprod[int(t)].to(device=device, dtype=sample_dtype)
+                    pred_original_sample = (x_t - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
                 available = {
                     "latents": latents,
                     "model_output": model_output,
-                    "pred_original_sample": step.pred_original_sample,
+                    "pred_original_sample": pred_original_sample,
                 }
                 callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}

@@ -136,7 +136,7 @@ def test_gallery_images_are_upscaled_with_crisp_pixels(engine):
         ({"eta": float("nan")}, "Eta must be a number in 0..1, got nan"),
         ({"eta": "0.5"}, "Eta must be a number in 0..1, got '0.5'"),
         ({"eta": [0.1]}, "Eta must be a number in 0..1, got [0.1]"),
-        ({"sampler": ["ddim"]}, "Sampler must be one of ddpm, ddim; got ['ddim']"),
+        ({"sampler": ["ddim"]}, "Sampler must be one of ddpm, ddim, dpmsolver++; got ['ddim']"),
         ({"backend": None}, "Backend must be one of onnxruntime, pytorch; got None"),
         ({"model": ["pipeline"]}, "Unknown model ['pipeline']"),
         ({"model": "m" * 5_000_000}, "Unknown model 'mmm"),

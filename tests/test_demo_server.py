@@ -523,7 +523,10 @@ def drive_page(page, server: DemoServer, test_output_dir: Path, expect) -> None:
         expect(images).to_have_count(4)
         return [load_png(page.request.get(images.nth(k).get_attribute("src")).body()) for k in range(4)]
 
-    # 1. The paper's sampler (DDPM, 300 steps here) shows a live progress bar while it runs.
+    # 1. The page opens on DPM-Solver++ (10 steps); the paper's sampler (DDPM, 300 steps here) shows a live
+    #    progress bar while it runs.
+    expect(page.locator("#steps input")).to_have_value("10")
+    page.get_by_test_id("DDPM (ancestral, paper)-radio-label").click()
     page.locator("#steps input").fill("300")
     page.locator("#seed input").fill("11")
     page.locator("#generate").click()

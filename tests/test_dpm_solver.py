@@ -117,3 +117,36 @@ def test_cli_refuses_eta_and_too_many_steps_for_dpmsolver(tmp_path, capsys):
                  "--output", output]) == 2
     assert "is too many for dpmsolver++ with timestep_spacing 'leading'" in capsys.readouterr().err
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_pytorch_pipeline_gives_callbacks_the_predicted_x0_of_dpmsolver(digits):
+    """DPM-Solver++'s step returns no `pred_original_sample`: the pipeline gives callbacks x_0 from eps (Eq. 15),
+    which for this solver is exactly its final sample."""
+    from ddpm_plugin.sampling import load_pipeline
+
+    pipe = load_pipeline(digits[0], "dpmsolver++")
+    seen = []
+
+    def on_step_end(pipe, i, t, tensors):
+        seen.append(tensors["pred_original_sample"].clone())
+        return {}
+
+    latents = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="latent",
+                   callback_on_step_end=on_step_end,
+                   callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"]).images
+    assert len(seen) == 5
+    torch.testing.assert_close(seen[-1], latents, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "pytorch"])
+def test_demo_generates_with_dpmsolver_and_offers_it_first(digits, backend):
+    from ddpm_plugin.demo.app import DEFAULT_SAMPLER, FEW_STEPS
+    from ddpm_plugin.demo.backends import DemoEngine, GenerationRequest
+
+    engine = DemoEngine([digits[0]], max_images=4, num_threads=1)
+    assert "dpmsolver++" in engine.describe()["samplers"]
+    generation = engine.generate(GenerationRequest(digits[0].name, backend=backend, sampler="dpmsolver++",
+                                                   num_inference_steps=10, num_images=2, seed=3))
+    assert generation.images.shape == (2, 8, 8, 1) and generation.images.std() > 0.1
+    assert generation.timesteps[-1] == dpm_solver_timesteps(digits[2], 10)[-1]  # the solver's last timestep
+    assert (DEFAULT_SAMPLER, FEW_STEPS[DEFAULT_SAMPLER]) == ("dpmsolver++", 10)
