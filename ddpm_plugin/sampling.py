@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .images import make_grid, to_uint8
-from .model_folder import check_pipeline_folder
+from .model_folder import check_pipeline_folder, check_schedule_size
 from .pipelines.gaussian_diffusion import GaussianDiffusion
 from .trust import file_sha256, read_json, regular_file, regular_files
 from .vocabulary import (
@@ -170,7 +170,9 @@ def loaded_files(model: str | os.PathLike, backend: Backend) -> LoadedFiles:
     configs = [name for name in files if name.endswith(SCHEDULER_CONFIG)]
     if not configs:
         raise FileNotFoundError(f"{model} holds no {SCHEDULER_CONFIG}.")
-    return LoadedFiles(model.resolve(), files, resolved_schedule(read_json(model / configs[0])))
+    scheduler_config = read_json(model / configs[0])
+    check_schedule_size(scheduler_config, str(model / configs[0]))  # before the betas are built
+    return LoadedFiles(model.resolve(), files, resolved_schedule(scheduler_config))
 
 
 def resolved_schedule(scheduler_config: dict[str, Any]) -> dict[str, Any]:
