@@ -1,13 +1,14 @@
 """Measure a trained pipeline as the paper does and write a JSON report with PNG figures (`ddpm evaluate`).
 
 Metrics: `bpd` (the variational bound in bits/dim on test images, Table 2), `rd` (its rate-distortion split and
-curve, Fig. 5 / Table 4: the same pass as `bpd`), `fid` and `is` (Table 1, on `num_samples` generated images, drawn
+curve, Fig. 5 / Table 4: the same pass as `bpd`), `fid`, `kid` and `is` (Table 1, on `num_samples` generated images, drawn
 here or read from the shards of `ddpm sample --output-dir`: the same images for the same seed, steps and batch size).
 FID's reference statistics (mu, sigma) can be saved once (`fid_stats`) and reused.
 Figures: rate-distortion (with `bpd`/`rd`), progressive generation (Fig. 6), reconstruction from a shared x_t
 (Fig. 7) and interpolation at several t (Fig. 9).
 
-The report's top-level `bits_per_dim`, `fid` and `inception_score` are plain floats (model cards read them).
+The report's top-level `bits_per_dim`, `fid`, `kid` and `inception_score` are plain floats (model cards read them);
+`inception` names FID's and KID's network, its file's SHA-256 and its number of features.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from .sampling import ImageSampler, TorchImageSampler, with_scheduler
 from .trust import write_json
 from .vocabulary import Sampler
 
-EVALUATION_METRICS = ("bpd", "rd", "fid", "is")
+EVALUATION_METRICS = ("bpd", "rd", "fid", "kid", "is")
+IMAGE_METRICS = {"fid": "fid", "kid": "kid", "is": "inception_score"}  # evaluation name -> ImageMetrics name
 # Steps t of the interpolation rows (Fig. 9 uses 0..1000 in steps of 250).
 INTERPOLATION_TIMESTEPS = (0, 250, 500, 750, 999)
 RECONSTRUCTION_TIMESTEP = 500  # Fig. 7 shares x_t at t = 500 of 1000
@@ -56,7 +58,7 @@ class EvaluationConfig:
     # An .npz, a folder, digits, mnist, a datasets name (see ddpm_plugin.data); of digits and mnist, the test split
     # for bits/dim and the figures, the training split for FID's reference images.
     dataset: str | None = None
-    metrics: tuple[str, ...] = ("bpd", "rd")  # any of bpd, rd, fid, is
+    metrics: tuple[str, ...] = ("bpd", "rd")  # any of bpd, rd, fid, kid, is
     num_images: int | None = None  # test images for bits/dim, drawn at random with `seed` (None: all)
     num_samples: int | None = None  # images for FID/IS (None: 50,000 as the paper, or all of `samples`); also the reference count
     samples: str | None = None  # a `ddpm sample --output-dir` folder: FID/IS score its images instead of sampling
@@ -79,10 +81,12 @@ class EvaluationConfig:
             raise ValueError("`dataset` is needed for bpd and rd (the test images).")
         if self.dataset is None and "fid" in self.metrics and not (self.fid_stats and Path(self.fid_stats).is_file()):
             raise ValueError("`dataset` (FID's reference images) or an existing `fid_stats` file is needed for fid.")
+        if self.dataset is None and "kid" in self.metrics:
+            raise ValueError("`dataset` (KID's reference images; `fid_stats` holds FID's statistics only) is needed for kid.")
         if self.fid_stats is not None and Path(self.fid_stats).suffix != ".npz":
             raise ValueError(f"`fid_stats` must name an .npz file, got {self.fid_stats!r}.")
-        if self.samples is not None and not {"fid", "is"} & set(self.metrics):
-            raise ValueError("`samples` are scored by fid and is; add one of them to `metrics`.")
+        if self.samples is not None and not set(IMAGE_METRICS) & set(self.metrics):
+            raise ValueError("`samples` are scored by fid, kid and is; add one of them to `metrics`.")
         if self.model is None and self.samples is None:
             raise ValueError("`model` is needed (or `samples`, whose manifest names its model).")
         if Path(self.output).is_dir():
@@ -130,19 +134,22 @@ def bound_report(pipe: DDPMPaperPipeline, images: np.ndarray, config: Evaluation
 
 
 def reference_statistics(config: EvaluationConfig, metrics: ImageMetrics, image_shape: tuple[int, int, int], num_samples: int) -> int:
-    """FID's real side: loaded from `fid_stats` when it exists, else computed from up to `num_samples` images of
-    the data set (and saved to `fid_stats` when given). Returns the number of reference images."""
-    if config.fid_stats and Path(config.fid_stats).is_file():
-        statistics = FidStatistics.load(config.fid_stats)
-        metrics.load_real_statistics(statistics)
-        return statistics.num_images
+    """FID's and KID's real side. FID's is loaded from `fid_stats` when it exists, else computed from up to
+    `num_samples` images of the data set (and saved to `fid_stats` when given); KID always needs the images (the
+    file holds FID's mu and sigma only). Returns the number of FID's reference images (else KID's)."""
+    loaded = None
+    if "fid" in metrics.metrics and config.fid_stats and Path(config.fid_stats).is_file():
+        loaded = FidStatistics.load(config.fid_stats)
+        metrics.load_real_statistics(loaded)
+        if "kid" not in metrics.metrics:
+            return loaded.num_images
     reference, _ = dataset_images(config.dataset, image_shape, num_samples, config.seed, split=FID_REFERENCE_SPLIT)
     for start in tqdm(range(0, len(reference), config.batch_size), desc="reference images", unit="batch"):
         metrics.update_real(reference[start : start + config.batch_size])
-    if config.fid_stats:
+    if config.fid_stats and loaded is None and "fid" in metrics.metrics:
         Path(config.fid_stats).parent.mkdir(parents=True, exist_ok=True)
         metrics.real_statistics().save(config.fid_stats)
-    return len(reference)
+    return len(reference) if loaded is None else loaded.num_images
 
 
 def sample_quality_report(config: EvaluationConfig, metrics: ImageMetrics, pipe: DDPMPaperPipeline | None,
@@ -162,12 +169,14 @@ def sample_quality_report(config: EvaluationConfig, metrics: ImageMetrics, pipe:
         sampler = TorchImageSampler(with_scheduler(pipe, config.scheduler), config.num_inference_steps, config.seed)
         image_shape, batches = sampler.image_shape, generate_samples(sampler, num_samples, config.batch_size)
         sampling = {"sampling_steps": config.num_inference_steps, "sampler": config.scheduler, "backend": "pytorch"}
-    num_reference = reference_statistics(config, metrics, image_shape, num_samples) if "fid" in metrics.metrics else 0
+    features = {"fid", "kid"} & set(metrics.metrics)
+    num_reference = reference_statistics(config, metrics, image_shape, num_samples) if features else 0
     scored = 0
     for images in batches:
         metrics.update_fake(images)
         scored += len(images)
-    return {**metrics.compute(), "num_samples": scored, "num_reference_images": num_reference, **sampling}
+    network = {"inception": metrics.network_info} if features else {}
+    return {**metrics.compute(), "num_samples": scored, "num_reference_images": num_reference, **sampling, **network}
 
 
 def write_figures(pipe: DDPMPaperPipeline, images: np.ndarray | None, config: EvaluationConfig, folder: Path) -> dict[str, str]:
@@ -203,8 +212,8 @@ def evaluate(
     from .sampling import load_pipeline
 
     metrics = None
-    if {"fid", "is"} & set(config.metrics):  # before any long computation: the Inception network may be missing
-        names = tuple({"fid": "fid", "is": "inception_score"}[m] for m in config.metrics if m in ("fid", "is"))
+    if set(IMAGE_METRICS) & set(config.metrics):  # before any long computation: the Inception network may be missing
+        names = tuple(IMAGE_METRICS[m] for m in config.metrics if m in IMAGE_METRICS)
         metrics = ImageMetrics(names, feature_extractor=feature_extractor, logits_extractor=logits_extractor,
                                inception_weights=config.inception_weights)
     samples = read_sample_folder(config.samples) if config.samples is not None else None
@@ -248,7 +257,7 @@ def evaluate(
 def summary_table(report: dict[str, Any]) -> str:
     """The headline numbers of a report as a Markdown table."""
     rows = [("bits/dim (bound)", "bits_per_dim"), ("rate (bits/dim)", "rate_bpd"), ("distortion (bits/dim)", "distortion_bpd"),
-            ("FID", "fid"), ("Inception Score", "inception_score")]
+            ("FID", "fid"), ("KID", "kid"), ("Inception Score", "inception_score")]
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {label} | {report[key]:.4f} |" for label, key in rows if report.get(key) is not None]
     return "\n".join(lines)

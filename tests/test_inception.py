@@ -150,3 +150,72 @@ def _unbiased_polynomial_mmd(real: torch.Tensor, fake: torch.Tensor) -> float:
     within = (kernel(real, real).sum() - kernel(real, real).diagonal().sum()
               + kernel(fake, fake).sum() - kernel(fake, fake).diagonal().sum()) / (n * (n - 1))
     return float(within - 2 * kernel(real, fake).mean())
+
+
+# ---- ddpm evaluate with the installed network: FID and KID offline, IS refused without the full network ----
+
+needs_no_torch_fidelity = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torch_fidelity") is not None,
+    reason="torch-fidelity is installed: torchmetrics' own Inception would serve the Inception Score",
+)
+
+
+@needs_no_torch_fidelity
+def test_inception_score_without_weights_is_refused_saying_it_needs_the_full_network(monkeypatch):
+    from ddpm_plugin.metrics import INCEPTION_WEIGHTS_ENV, ImageMetrics, InceptionWeightsNotFoundError
+
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
+    with pytest.raises(InceptionWeightsNotFoundError, match="Inception Score needs the full Inception network") as error:
+        ImageMetrics(("fid", "inception_score"))
+    assert "--inception-weights" in str(error.value) and "no logits" in str(error.value)
+
+
+@needs_no_torch_fidelity
+def test_ddpm_evaluate_refuses_is_without_weights_before_any_work(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    from ddpm_plugin.cli import main
+    from ddpm_plugin.metrics import INCEPTION_WEIGHTS_ENV
+
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
+    code = main(["evaluate", "--model", str(tiny_pipeline_dir), "--dataset", "digits", "--metrics", "fid,is",
+                 "--output", str(tmp_path / "report.json")])
+    assert code == 2
+    assert "Inception Score needs the full Inception network" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_ddpm_evaluate_help_says_is_needs_the_full_network(capsys):
+    from ddpm_plugin.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "kid" in help_text and "is needs the full Inception network (--inception-weights)" in help_text
+
+
+@needs_network
+def test_fid_and_kid_use_the_installed_network_when_no_weights_are_given(monkeypatch):
+    from ddpm_plugin.metrics import INCEPTION_WEIGHTS_ENV, ImageMetrics
+
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
+    metrics = ImageMetrics(("fid", "kid"))
+    assert metrics.network_info == {"network": FidInception().name, "sha256": NETWORK_SHA256,
+                                    "num_features": NUM_FEATURES}
+
+
+@needs_network
+@pytest.mark.slow
+def test_ddpm_evaluate_reports_fid_and_kid_with_the_installed_network(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import json
+
+    from ddpm_plugin.cli import main
+    from ddpm_plugin.metrics import INCEPTION_WEIGHTS_ENV
+
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
+    samples = tmp_path / "samples"
+    assert main(["sample", "--model", str(tiny_pipeline_dir), "--output-dir", str(samples), "--num-images", "4",
+                 "--batch-size", "4", "--steps", "2", "--backend", "pytorch"]) == 0
+    assert main(["evaluate", "--samples", str(samples), "--dataset", "digits", "--metrics", "fid,kid", "--no-figures",
+                 "--output", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["fid"] > 0 and isinstance(report["kid"], float)
+    assert report["inception"] == {"network": FidInception().name, "sha256": NETWORK_SHA256, "num_features": NUM_FEATURES}

