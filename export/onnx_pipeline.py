@@ -93,6 +93,11 @@ class BoundUNet:
     the host array holding eps. On CPU these arrays *are* the bound buffers; on CUDA the bound buffers are
     device tensors at fixed addresses (CUDA-graph friendly), updated in place from the host arrays.
 
+    The rules ORT's CUDA graphs need hold by construction: input and output are distinct buffers (capture runs
+    the model more than once in its first call, so an output written over its input would be applied twice);
+    values are copied into the buffers bound once, never re-bound (a replayed graph reads the captured
+    addresses), so the arrays are read-only attributes; and each batch size has its own `graph_id`.
+
     With a `float32_session` (an int8 export's float32 graph) the same buffers are bound to it too, and it runs
     for t < `float32_below_t` (time-step-aware precision).
     """
@@ -101,9 +106,9 @@ class BoundUNet:
         self, session: ort.InferenceSession, shape: tuple[int, ...], device: str, graph_id: int | None = None,
         float32_session: ort.InferenceSession | None = None, float32_below_t: int = 0,
     ) -> None:
-        self.sample = np.zeros(shape, dtype=np.float32)
-        self.timestep = np.zeros(shape[:1], dtype=np.int64)
-        self.noise_pred = np.zeros(shape, dtype=np.float32)
+        self._sample = np.zeros(shape, dtype=np.float32)
+        self._timestep = np.zeros(shape[:1], dtype=np.int64)
+        self._noise_pred = np.zeros(shape, dtype=np.float32)
         self.device = device
         self.float32_below_t = float32_below_t if float32_session is not None else 0
         # No RunOptions unless needed: onnxruntime looks up `gpu_graph_id` in them on every run, and a missing
@@ -112,14 +117,28 @@ class BoundUNet:
         if graph_id is not None:  # one captured CUDA graph per batch size (and session)
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        arrays = (self._sample, self._timestep, self._noise_pred)
         if device == "cpu":
             # OrtValues over NumPy memory: ORT reads `sample` and writes `noise_pred` in place.
-            self._values = [ort.OrtValue.ortvalue_from_numpy(array) for array in (self.sample, self.timestep, self.noise_pred)]
+            self._values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
         else:
-            self._values = [ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0) for array in (self.sample, self.timestep, self.noise_pred)]
+            self._values = [ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0) for array in arrays]
         self._runs = [self._bind(session)]
         if self.float32_below_t:
             self._runs.append(self._bind(float32_session))
+
+    @property
+    def sample(self) -> np.ndarray:
+        """x_t: write into it (`np.copyto`), never replace it."""
+        return self._sample
+
+    @property
+    def timestep(self) -> np.ndarray:
+        return self._timestep
+
+    @property
+    def noise_pred(self) -> np.ndarray:
+        return self._noise_pred
 
     def _bind(self, session: ort.InferenceSession) -> tuple[ort.InferenceSession, Any]:
         binding = session.io_binding()
@@ -408,7 +427,9 @@ def _load_session(
     try:
         return ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as error:  # onnxruntime raises its own Fail/InvalidProtobuf/... classes
-        if "opset" in str(error).lower():
+        if "graph capture" in str(error).lower():
+            advice = "CUDA graphs need every node of the model on the CUDA provider and onnxruntime placed some on the CPU: load it with `cuda_graph=False`"
+        elif "opset" in str(error).lower():
             advice = "its opset is not supported by this onnxruntime: re-export with a lower `ddpm export --opset` or upgrade onnxruntime"
         elif "external data" in str(error).lower():
             advice = "onnxruntime refuses the external data file it names (outside the export folder, or missing): re-export it with `ddpm export`"
