@@ -190,7 +190,7 @@ class DemoModel:
 
         if not (self.folder / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file():
             raise FileNotFoundError(f"{self.folder} carries no ONNX export in {ONNX_SUBFOLDER}/: "
-                                    f"run `ddpm export --model {self.folder}` to add one")
+                                    f"run `ddpm export --model {self.folder} --output {self.folder}/onnx` to add one")
         pipelines: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(concurrency):
             pipelines.put(open_sampler(self.folder, "onnxruntime", device="auto", num_threads=num_threads,

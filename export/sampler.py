@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ddpm_plugin.bundled import resolve_model
 from ddpm_plugin.sampling import (
     ImageSampler,
     OnnxImageSampler,
@@ -40,7 +41,8 @@ def open_sampler(
     with their SHA-256 and the resolved schedule), its backend and its precision.
 
     Args:
-        model (`str` or `os.PathLike`): The pipeline folder, or an export folder for ONNX Runtime.
+        model (`str` or `os.PathLike`): The pipeline folder, an export folder for ONNX Runtime, a `ddpm train` run
+            folder, or a bundled model's name (`"mnist"`, `"digits"`), as [`ddpm_plugin.bundled.resolve_model`] reads it.
         backend (`str`, *optional*): `"onnxruntime"` or `"pytorch"`; defaults to ONNX Runtime when the folder is or
             carries an export ([`default_backend`]).
         scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` (Algorithm 2), `"ddim"` or `"dpmsolver++"`.
@@ -54,6 +56,7 @@ def open_sampler(
             `export.providers.session_options(num_threads)`.
         progress_bar (`bool`, *optional*, defaults to `True`): A progress bar over each batch's steps.
     """
+    model = resolve_model(model)
     backend = backend or default_backend(model)
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")

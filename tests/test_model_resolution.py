@@ -87,3 +87,14 @@ def test_help_shows_the_seed_default(capsys, command):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "(default: 0)" in " ".join(capsys.readouterr().out.split()).rpartition("--seed SEED")[2][:200]
+
+
+def test_open_sampler_and_the_web_page_take_a_bundled_name(tmp_path):
+    from ddpm_plugin.demo.web.site import main as site_main
+    from ddpm_plugin.export.sampler import open_sampler
+
+    sampler = open_sampler("digits", "onnxruntime", "ddim", num_inference_steps=2, progress_bar=False)
+    assert sampler.loaded.model == DIGITS_MODEL.resolve()
+    assert sampler(0, 1).shape == (1, 8, 8, 1)
+    assert site_main(["--model", "digits", "--space", str(tmp_path / "space")]) == 0
+    assert (tmp_path / "space" / "index.html").is_file()

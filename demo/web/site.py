@@ -307,12 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     from ddpm_plugin.export.onnx_pipeline import OnnxModelError
 
     parser = argparse.ArgumentParser(description="Serve the browser sampler page (cross-origin isolated).")
-    parser.add_argument("--model", default=None, help="ONNX export or pipeline folder (default: the bundled model)")
+    parser.add_argument("--model", default=None, help="ONNX export or pipeline folder, or a bundled model's name (default: the bundled model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--space", metavar="FOLDER", help="write a static Hugging Face Space folder and exit")
     args = parser.parse_args(argv)
-    model = args.model or resolve_model(None)
+    model = resolve_model(args.model)
     if args.space:
         try:
             folder = write_space(model, args.space)
