@@ -108,14 +108,16 @@ def hub_cache_blob(link: Path) -> bool:
 
 
 def regular_files(folder: str | os.PathLike) -> Iterator[Path]:
-    """Every file below `folder`, in sorted order; `UntrustedInputError` at the first link or special file."""
+    """Every file below `folder`, in sorted order; `UntrustedInputError` at the first link or special file (a
+    Hugging Face cache snapshot's links into its blob store are its files, see [`hub_cache_blob`])."""
     folder = Path(folder)
     for entry in sorted(folder.iterdir()):
         mode = entry.lstat().st_mode
         if stat.S_ISDIR(mode):
             yield from regular_files(entry)
         else:
-            _check_regular(entry, mode)
+            if not (stat.S_ISLNK(mode) and hub_cache_blob(entry)):
+                _check_regular(entry, mode)
             yield entry
 
 
