@@ -1,6 +1,6 @@
 """Browser sampling speed: onnxruntime-web in headless Chromium (WASM, 1 and 2 threads) against
 `OnnxDDPMPipeline` (native onnxruntime) on the same model, in the same run; the time from opening the page to
-its first DDIM image; and what the page downloads.
+its first image; what the page downloads; and one image per few-step sampler (DDIM against DPM-Solver++).
 
 On a shared machine the OS takes the core away for tens of milliseconds at a time, which a mean would count
 as the sampler's: each case reports the median and the fastest step of its runs, and the CPU time per step
@@ -41,7 +41,9 @@ from browser_helpers import browser_sample, launch_chromium  # noqa: E402
 
 THREADS = (1, 2)
 FIRST_IMAGE_RUNS = 3
-PARTS = ("speed", "first-image")  # the tables, in the order printed
+PARTS = ("speed", "first-image", "samplers")  # the tables, in the order printed
+# The page's two few-step choices, each at the step count of its quality row (docs/results/dpmsolver_mnist.md).
+SAMPLER_CASES = (("ddim", 50), ("dpmsolver++", 10))
 TIMEOUT_MS = 600_000  # page loads and waits: a loaded shared machine can take minutes
 
 
@@ -142,6 +144,29 @@ def first_image(browser: Any, url: str, threads: int) -> tuple[dict[str, float],
     return timings, requested
 
 
+def sampler_table(browser: Any, url: str, shape: tuple[int, ...], repeats: int) -> list[list[str]]:
+    """Wall seconds from asking a ready page for one image to having it, per sampler of `SAMPLER_CASES` (runs
+    alternate between the samplers, so both see the same neighbours), and each one's ratio to the first."""
+    latents = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+    rows = []
+    for threads in THREADS:
+        page = open_page(browser, f"{url}?autorun=0&threads={threads}")
+        browser_sample(page, latents, np.zeros(0, np.float32), sampler="ddim", numInferenceSteps=5)  # warm-up
+        seconds: dict[str, list[float]] = {sampler: [] for sampler, _ in SAMPLER_CASES}
+        for _ in range(repeats):
+            for sampler, steps in SAMPLER_CASES:
+                started = time.perf_counter()
+                browser_sample(page, latents, np.zeros(0, np.float32), sampler=sampler, numInferenceSteps=steps)
+                seconds[sampler].append(time.perf_counter() - started)
+        page.close()
+        baseline = statistics.median(seconds[SAMPLER_CASES[0][0]])
+        for sampler, steps in SAMPLER_CASES:
+            median = statistics.median(seconds[sampler])
+            rows.append([str(threads), f"{sampler} {steps}", f"{median:.3f}", f"{min(seconds[sampler]):.3f}",
+                         f"{baseline / median:.1f}x"])
+    return rows
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -199,6 +224,12 @@ def main() -> None:
                             "browser wall (median / min)", "browser CPU", "browser / native (min)", "(CPU)"], rows))
         if "first-image" in parts:
             print_first_image(browser, url, export)
+        if "samplers" in parts:
+            shape = open_sampler(export, "onnxruntime", progress_bar=False).image_shape
+            print(f"\nOne image on a ready page, per sampler (median and fastest of {args.repeats} runs, seconds; "
+                  f"speed-up against {' '.join(map(str, SAMPLER_CASES[0]))}):\n")
+            print(markdown(["threads", "sampler, steps", "median (s)", "fastest (s)", "sooner"],
+                           sampler_table(browser, url, shape, args.repeats)))
         browser.close()
         server.shutdown()
 
