@@ -33,13 +33,14 @@ def run_capped(code: str, address_space: int, timeout: float = 300) -> dict:
     """Run `code` (which sets `result`, a JSON-able value) in a fresh Python whose address space is capped at
     `address_space` bytes; returns `{"result": ..., "error": "<type>: <message>", "peak_rss_mb": ...}`."""
     script = (
-        "import json, resource, traceback\n"
+        "import json, traceback\n"
         "out = {}\n"
         "try:\n" + "".join(f"    {line}\n" for line in code.strip().splitlines()) +
         "    out['result'] = result\n"
         "except BaseException as error:\n"
         "    out['error'] = f'{type(error).__name__}: {error}'\n"
-        "out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        # VmHWM is this address space's peak; ru_maxrss would carry the forking test process's RSS across exec.
+        "out['peak_rss_mb'] = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM')) / 1024\n"
         "print('RESULT' + json.dumps(out))\n"
     )
 
