@@ -88,8 +88,9 @@ def check_finite_weights(unet: Any, model: str | os.PathLike) -> None:
     """`ValueError` naming the UNet weights of `model` that hold NaN or infinity (a diverged training run)."""
     import torch
 
-    bad = [(name, int((~torch.isfinite(tensor)).sum())) for name, tensor in unet.state_dict().items()
-           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    counts = [(name, int((~torch.isfinite(tensor)).sum())) for name, tensor in unet.state_dict().items()
+              if tensor.is_floating_point()]
+    bad = [(name, count) for name, count in counts if count]
     if bad:
         total = sum(count for _, count in bad)
         names = ", ".join(f"{name} ({count:,})" for name, count in bad[:5]) + (", ..." if len(bad) > 5 else "")
