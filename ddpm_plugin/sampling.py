@@ -26,6 +26,7 @@ from .model_folder import check_pipeline_folder, check_schedule_size
 from .pipelines.gaussian_diffusion import GaussianDiffusion
 from .trust import file_sha256, read_json, regular_file, regular_files
 from .vocabulary import (
+    ONNX_BACKENDS,
     ONNX_METADATA_FILE,
     ONNX_SUBFOLDER,
     SCHEDULER_CONFIG,
@@ -158,7 +159,7 @@ def loaded_files(model: str | os.PathLike, backend: Backend) -> LoadedFiles:
     for PyTorch; the export folder (the metadata, every graph and data file, its scheduler configuration) and
     `model_index.json` for ONNX Runtime. Regular files only: a link or a device is refused before anything is read."""
     model = Path(model)
-    if backend == "onnxruntime":
+    if backend in ONNX_BACKENDS:
         folders = [model if (model / ONNX_METADATA_FILE).is_file() else model / ONNX_SUBFOLDER]
     else:
         folders = [model / "scheduler", model / "unet"]
@@ -218,6 +219,7 @@ class TorchImageSampler:
     eta: float = 0.0
     loaded: LoadedFiles | None = None
     backend: Backend = "pytorch"
+    float32_below_t: int = 0  # with bf16 weights: the t below which the UNet's float32 copy runs
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -225,21 +227,24 @@ class TorchImageSampler:
 
     @property
     def precision(self) -> str:
-        """The dtype of the UNet's weights."""
-        return str(self.pipe.unet.dtype).removeprefix("torch.")
+        """The dtype of the UNet's weights, with the t below which its float32 copy runs."""
+        precision = {"float32": "fp32", "bfloat16": "bf16"}.get(str(self.pipe.unet.dtype).removeprefix("torch."))
+        precision = precision or str(self.pipe.unet.dtype).removeprefix("torch.")
+        below = self.float32_below_t
+        return f"{precision}, float32 below t={below}" if below else precision
 
     def __call__(self, start: int, count: int) -> np.ndarray:
         import torch
 
         generators = [torch.Generator().manual_seed(image_seed(self.seed, i)) for i in range(start, start + count)]
         images = self.pipe(batch_size=count, num_inference_steps=self.num_inference_steps, generator=generators,
-                           eta=self.eta, output_type="np").images
+                           eta=self.eta, output_type="np", float32_below_t=self.float32_below_t).images
         return to_uint8(images)
 
 
 @dataclass
 class OnnxImageSampler:
-    """[`ImageSampler`] on an `OnnxDDPMPipeline`, one NumPy stream per image."""
+    """[`ImageSampler`] on an `OnnxDDPMPipeline` (onnxruntime or OpenVINO), one NumPy stream per image."""
 
     pipe: Any  # export.onnx_pipeline.OnnxDDPMPipeline (imported lazily: it needs onnxruntime)
     num_inference_steps: int
@@ -257,9 +262,7 @@ class OnnxImageSampler:
     @property
     def precision(self) -> str:
         """The export's precision, with the t below which an int8 export runs its float32 graph."""
-        metadata = self.pipe.metadata
-        precision = str(metadata.get("precision") or ("fp16" if metadata.get("fp16") else "fp32"))
-        below = getattr(self.pipe, "float32_below_t", 0)
+        precision, below = self.pipe.precision, self.pipe.float32_below_t
         return f"{precision}, float32 below t={below}" if below else precision
 
     def __call__(self, start: int, count: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Literal, get_args
 from .pipelines.gaussian_diffusion import VarianceType
 
 __all__ = [
-    "BACKENDS", "Backend", "ONNX_FLOAT32_MODEL_FILE", "ONNX_METADATA_FILE", "ONNX_MODEL_FILE", "ONNX_SUBFOLDER", "PAPER_VARIANCE_TYPES",
+    "BACKENDS", "BF16_FLOAT32_BELOW_T", "Backend", "ONNX_BACKENDS", "PRECISIONS", "Precision", "ONNX_FLOAT32_MODEL_FILE", "ONNX_METADATA_FILE", "ONNX_MODEL_FILE", "ONNX_SUBFOLDER", "PAPER_VARIANCE_TYPES",
     "PIPELINE_MODULE", "PaperVarianceType", "SAMPLERS", "SAMPLERS_WITHOUT_ETA", "SAMPLER_NAMES", "SCHEDULER_CONFIG", "Sampler", "TRAINING_CONFIG_FILE",
     "TRAINING_RUN_FILE", "VarianceType",
     "check_eta", "check_sampler", "check_steps",
@@ -29,8 +29,15 @@ SAMPLERS: tuple[Sampler, ...] = get_args(Sampler)
 # The samplers without DDIM's stochasticity `eta` (it must be 0 with them).
 SAMPLERS_WITHOUT_ETA: tuple[Sampler, ...] = ("ddpm", "dpmsolver++")
 SAMPLER_NAMES: dict[Sampler, str] = {"ddpm": "DDPM", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}  # in messages
-Backend = Literal["onnxruntime", "pytorch"]
-BACKENDS: tuple[Backend, ...] = get_args(Backend)  # ONNX Runtime first: the default where an export exists
+Backend = Literal["onnxruntime", "openvino", "pytorch"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+ONNX_BACKENDS: tuple[Backend, ...] = ("onnxruntime", "openvino")  # the backends that run a model's ONNX export
+# The network's precision a sampler may be asked for: float32, or bfloat16 (OpenVINO's inference precision, or
+# PyTorch's bf16 weights), which runs float32 for t < BF16_FLOAT32_BELOW_T, where the bound weighs reduced
+# precision most (docs/results/precision_quality_mnist.md).
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+BF16_FLOAT32_BELOW_T = 10
 # The paper's two sigma_t^2 (Sec. 3.2), which the presets and the demo offer; `VarianceType` adds diffusers'
 # spelling "fixed_small_log" of beta_tilde_t, which a scheduler configuration may hold.
 PaperVarianceType = Literal["fixed_large", "fixed_small"]

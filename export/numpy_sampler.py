@@ -4,6 +4,10 @@ with the timesteps and respaced schedule diffusers' schedulers choose. `demo/web
 JavaScript, function for function (`inferenceTimesteps`, `respacedSchedule`, `ddimSigma`, `ddpmStepFunction`,
 `ddimStepFunction`, `dpmSolverTimesteps`, `dpmSolverStepFunction`): change both together.
 
+A step function computes its per-step coefficients once, when it is made, and works in float64 buffers it
+allocates once per sample shape, so a step costs a few NumPy calls and no allocation: the sampling loop's time
+goes to the network. It returns views of those buffers, valid until its next call.
+
 NumPy only (no onnxruntime, no torch).
 """
 
@@ -15,8 +19,31 @@ import numpy as np
 
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
 
-# step(i, x_t, eps, generator) -> (x_{t-1}, predicted x_0)
+# step(i, x_t, eps, generator) -> (x_{t-1}, predicted x_0), both float64 and valid until the next call
 StepFunction = Callable[[int, np.ndarray, np.ndarray, Any], tuple[np.ndarray, np.ndarray]]
+
+class UNetBuffers:
+    """The host arrays a network engine reads x_t and t from and writes eps into, in place: float32 `sample`
+    (NCHW), int64 `timestep` and float32 `noise_pred`. The sampling loop writes into `sample`, never replaces it."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self._sample = np.zeros(shape, dtype=np.float32)
+        self._timestep = np.zeros(shape[:1], dtype=np.int64)
+        self._noise_pred = np.zeros(shape, dtype=np.float32)
+
+    @property
+    def sample(self) -> np.ndarray:
+        """x_t: write into it (`np.copyto`), never replace it."""
+        return self._sample
+
+    @property
+    def timestep(self) -> np.ndarray:
+        return self._timestep
+
+    @property
+    def noise_pred(self) -> np.ndarray:
+        return self._noise_pred
+
 
 # --- Timesteps and the respaced schedule, as diffusers' schedulers compute them. ---
 
@@ -59,15 +86,28 @@ def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
     return eta * float(np.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)))
 
 
-# --- One denoising step. ---
+# --- One denoising step: per-step coefficients computed once, work buffers allocated once per shape. ---
 
 
-def clip_prediction(config: Mapping[str, Any], pred_original_sample: np.ndarray) -> np.ndarray:
-    """The predicted x_0 clipped in place to [-r, r] when the configuration's `clip_sample` is on."""
-    if config.get("clip_sample", True):
-        bound = config.get("clip_sample_range", 1.0)
-        np.clip(pred_original_sample, -bound, bound, out=pred_original_sample)
-    return pred_original_sample
+class StepBuffers:
+    """float64 work arrays of one shape, allocated on first use and reused by every later step of that shape.
+    A step returns views of them: its results are valid until the step function is called again."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.shape: tuple[int, ...] | None = None
+        self.arrays: list[np.ndarray] = []
+
+    def of(self, shape: tuple[int, ...]) -> list[np.ndarray]:
+        if shape != self.shape:
+            self.arrays = [np.empty(shape, dtype=np.float64) for _ in range(self.count)]
+            self.shape = shape
+        return self.arrays
+
+
+def clip_bound(config: Mapping[str, Any]) -> float | None:
+    """The r of [-r, r] the predicted x_0 is clipped to, or None when the configuration's `clip_sample` is off."""
+    return config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None
 
 
 def check_epsilon_prediction(config: Mapping[str, Any]) -> None:
@@ -75,6 +115,17 @@ def check_epsilon_prediction(config: Mapping[str, Any]) -> None:
         raise ValueError(
             f"only eps-prediction models are supported, the scheduler says {config.get('prediction_type')!r}."
         )
+
+
+def predict_start(x_t: np.ndarray, noise_pred: np.ndarray, coef_x: np.float64, coef_eps: np.float64,
+                  bound: float | None, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Eq. 15 into `out` (float64): x_0 = coef_x x_t - coef_eps eps, clipped to [-bound, bound] unless None."""
+    np.multiply(x_t, coef_x, out=out, dtype=np.float64)
+    np.multiply(noise_pred, coef_eps, out=scratch, dtype=np.float64)
+    np.subtract(out, scratch, out=out)
+    if bound is not None:
+        np.clip(out, -bound, bound, out=out)
+    return out
 
 
 def ddpm_step_function(
@@ -88,16 +139,23 @@ def ddpm_step_function(
         sigmas = np.sqrt(diffusion.betas)
     else:
         sigmas = np.sqrt(np.maximum(diffusion.posterior_variance, 1e-20))
-    num_steps = len(timesteps)
+    k = np.arange(len(timesteps))[::-1]  # step i uses index k = n - 1 - i of the respaced schedule
+    coef_x, coef_eps = diffusion.sqrt_recip_alphas_cumprod[k], diffusion.sqrt_recipm1_alphas_cumprod[k]
+    coef_x0, coef_xt = diffusion.posterior_mean_coef1[k], diffusion.posterior_mean_coef2[k]
+    sigmas, noisy = sigmas[k], np.asarray(timesteps) > 0
+    bound, buffers = clip_bound(config), StepBuffers(3)
 
     def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
-        k = np.full(x_t.shape[:1], num_steps - 1 - i)  # index into the respaced schedule
+        pred_original_sample, mean, scratch = buffers.of(x_t.shape)
         # Eq. 15: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped to [-1, 1].
-        pred_original_sample = clip_prediction(config, diffusion.predict_start_from_noise(x_t, k, noise_pred))
+        predict_start(x_t, noise_pred, coef_x[i], coef_eps[i], bound, pred_original_sample, scratch)
         # Eq. 7: mu_tilde_t(x_t, x_0); then + sigma_t z for t > 0.
-        mean, _, _ = diffusion.q_posterior_mean_variance(pred_original_sample, x_t, k)
-        if timesteps[i] > 0:
-            mean += sigmas[k[0]] * generator.standard_normal(x_t.shape, dtype=np.float32)
+        np.multiply(pred_original_sample, coef_x0[i], out=mean)
+        np.multiply(x_t, coef_xt[i], out=scratch, dtype=np.float64)
+        np.add(mean, scratch, out=mean)
+        if noisy[i]:
+            z = generator.standard_normal(x_t.shape, dtype=np.float32)
+            np.add(mean, np.multiply(z, sigmas[i], out=scratch, dtype=np.float64), out=mean)
         return mean, pred_original_sample
 
     return step
@@ -111,19 +169,23 @@ def ddim_step_function(
     check_epsilon_prediction(config)
     step_ratio = diffusion.num_timesteps // num_inference_steps
     final_alpha_cumprod = 1.0 if config.get("set_alpha_to_one", True) else diffusion.alphas_cumprod[0]
+    t = np.asarray(timesteps, dtype=np.int64)
+    alpha_bar_prev = np.array([diffusion.alphas_cumprod[p] if p >= 0 else final_alpha_cumprod for p in t - step_ratio])
+    sigmas = np.array([ddim_sigma(a, p, eta) for a, p in zip(diffusion.alphas_cumprod[t], alpha_bar_prev)])
+    coef_x, coef_eps = diffusion.sqrt_recip_alphas_cumprod[t], diffusion.sqrt_recipm1_alphas_cumprod[t]
+    # x_{t-1} = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
+    coef_x0, coef_direction = np.sqrt(alpha_bar_prev), np.sqrt(1.0 - alpha_bar_prev - sigmas**2)
+    bound, buffers = clip_bound(config), StepBuffers(3)
 
     def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
-        t, prev_t = int(timesteps[i]), int(timesteps[i]) - step_ratio
-        alpha_bar_t = diffusion.alphas_cumprod[t]
-        alpha_bar_prev = diffusion.alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_cumprod
-        pred_original_sample = clip_prediction(
-            config, diffusion.predict_start_from_noise(x_t, np.full(x_t.shape[:1], t), noise_pred)
-        )
-        sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
-        # x_{t-1} = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
-        x_prev = np.sqrt(alpha_bar_prev) * pred_original_sample + np.sqrt(1.0 - alpha_bar_prev - sigma**2) * noise_pred
+        pred_original_sample, x_prev, scratch = buffers.of(x_t.shape)
+        predict_start(x_t, noise_pred, coef_x[i], coef_eps[i], bound, pred_original_sample, scratch)
+        np.multiply(pred_original_sample, coef_x0[i], out=x_prev)
+        np.multiply(noise_pred, coef_direction[i], out=scratch, dtype=np.float64)
+        np.add(x_prev, scratch, out=x_prev)
         if eta > 0:
-            x_prev += sigma * generator.standard_normal(x_t.shape, dtype=np.float32)
+            z = generator.standard_normal(x_t.shape, dtype=np.float32)
+            np.add(x_prev, np.multiply(z, sigmas[i], out=scratch, dtype=np.float64), out=x_prev)
         return x_prev, pred_original_sample
 
     return step
@@ -174,23 +236,34 @@ def dpm_solver_step_function(diffusion: GaussianDiffusion, config: Mapping[str, 
     with np.errstate(divide="ignore"):
         lambdas = np.log(alphas) - np.log(sigmas)  # lambda = +inf at the clean end
     num_steps = len(timesteps)
-    previous: list[np.ndarray] = []  # x_0 predicted at the step before
+    h = lambdas[1:] - lambdas[:-1]  # h[i]: from step i to i + 1 (+inf into the clean end, never used)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = sigmas[1:] / sigmas[:-1]
+        coef_data = alphas[1:] * np.expm1(-h)
+        r = np.append(np.nan, (lambdas[1:-1] - lambdas[:-2]) / h[1:])  # r[i] for i >= 1
+        coef_x0, coef_previous = 1.0 + 0.5 / r, 0.5 / r
+    buffers = StepBuffers(4)
+    previous_index = [-1]  # the step whose x_0 the second x_0 buffer holds
 
     def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
-        if i == 0:
-            previous.clear()
-        # x_0 = (x_s - sigma_s eps) / alpha_s (data prediction).
-        pred_original_sample = (x_t - sigmas[i] * noise_pred) / alphas[i]
+        first, second, x_prev, data = buffers.of(x_t.shape)
+        # x_0 = (x_s - sigma_s eps) / alpha_s (data prediction), into the buffer the step before did not use.
+        pred_original_sample, previous = (first, second) if i % 2 == 0 else (second, first)
+        np.multiply(noise_pred, sigmas[i], out=pred_original_sample, dtype=np.float64)
+        np.subtract(x_t, pred_original_sample, out=pred_original_sample, dtype=np.float64)
+        np.divide(pred_original_sample, alphas[i], out=pred_original_sample)
         if i == num_steps - 1:  # to sigma = 0: x_t = x_0 (first order with exp(-h) = 0)
-            x_prev = pred_original_sample.copy()
+            np.copyto(x_prev, pred_original_sample)
         else:
-            h = lambdas[i + 1] - lambdas[i]
-            data = pred_original_sample
-            if previous:  # second order: the difference quotient of x_0 over lambda
-                r = (lambdas[i] - lambdas[i - 1]) / h
-                data = (1.0 + 0.5 / r) * pred_original_sample - (0.5 / r) * previous[0]
-            x_prev = (sigmas[i + 1] / sigmas[i]) * x_t - alphas[i + 1] * np.expm1(-h) * data
-        previous[:] = [pred_original_sample]
+            if i > 0 and previous_index[0] == i - 1:  # second order: the difference quotient of x_0 over lambda
+                np.multiply(pred_original_sample, coef_x0[i], out=data)
+                np.subtract(data, np.multiply(previous, coef_previous[i], out=x_prev), out=data)
+            else:
+                np.copyto(data, pred_original_sample)
+            np.multiply(data, coef_data[i], out=data)
+            np.multiply(x_t, ratio[i], out=x_prev, dtype=np.float64)
+            np.subtract(x_prev, data, out=x_prev)
+        previous_index[0] = i
         return x_prev, pred_original_sample
 
     return step

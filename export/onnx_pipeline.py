@@ -5,8 +5,11 @@ once `onnx_folder.open_export_folder` has checked it, and runs the denoising loo
 `numpy_sampler` on the float64 coefficients of [`GaussianDiffusion`]. Given the same initial noise and per-step noise it reproduces `DDPMPaperPipeline` with
 diffusers' `DDPMScheduler` (any `num_inference_steps`) or `DDIMScheduler.from_config(...)` (any `eta`).
 
+The network runs on onnxruntime (any execution provider) or, with `engine="openvino"`, on OpenVINO's CPU runtime
+in float32 or bfloat16 (`openvino_engine`); the loop is the same.
+
 This module imports only the standard library, NumPy, onnxruntime, Pillow, tqdm and torch-free modules of
-ddpm-plugin, so it works where `import torch` fails.
+ddpm-plugin (OpenVINO only when it is the engine), so it works where `import torch` fails.
 
 Speed: the UNet's input, timestep and output live in buffers bound once per batch size (IO binding), so a
 step costs one `run_with_iobinding` and a few NumPy operations on the sample, with nothing re-bound. On CPU
@@ -29,9 +32,10 @@ from ddpm_plugin.images import SnapshotRecorder, every_k_steps, to_image, to_pil
 from ddpm_plugin.pipelines.gaussian_diffusion import GaussianDiffusion
 from ddpm_plugin.model_folder import FLOAT32_BYTES, SAMPLE_BUFFERS
 from ddpm_plugin.trust import check_allocation
-from ddpm_plugin.vocabulary import Sampler, VarianceType, check_sampler, check_steps
+from ddpm_plugin.vocabulary import BF16_FLOAT32_BELOW_T, Sampler, VarianceType, check_sampler, check_steps
 
 from .numpy_sampler import (
+    UNetBuffers,
     ddim_sigma, ddim_step_function, ddpm_step_function, dpm_solver_step_function, dpm_solver_timesteps,
     inference_timesteps, respace,
 )
@@ -51,6 +55,8 @@ __all__ = [
 ]
 
 MAX_BOUND_BATCH_SIZES = 8  # buffers kept bound for this many batch sizes
+Engine = Literal["onnxruntime", "openvino"]
+ENGINES: tuple[Engine, ...] = get_args(Engine)
 StepCallback = Callable[[int, int, np.ndarray, np.ndarray], None]
 
 @dataclass
@@ -86,7 +92,7 @@ class OnnxProgressiveOutput:
 # --- The UNet with pre-bound buffers. ---
 
 
-class BoundUNet:
+class BoundUNet(UNetBuffers):
     """eps_theta(x_t, t) for one batch size, with input and output bound once (IO binding).
 
     `sample` (float32 NCHW) and `timestep` (int64) are host arrays the caller writes into; `__call__` returns
@@ -106,9 +112,7 @@ class BoundUNet:
         self, session: ort.InferenceSession, shape: tuple[int, ...], device: str, graph_id: int | None = None,
         float32_session: ort.InferenceSession | None = None, float32_below_t: int = 0,
     ) -> None:
-        self._sample = np.zeros(shape, dtype=np.float32)
-        self._timestep = np.zeros(shape[:1], dtype=np.int64)
-        self._noise_pred = np.zeros(shape, dtype=np.float32)
+        super().__init__(shape)
         self.device = device
         self.float32_below_t = float32_below_t if float32_session is not None else 0
         # No RunOptions unless needed: onnxruntime looks up `gpu_graph_id` in them on every run, and a missing
@@ -126,19 +130,6 @@ class BoundUNet:
         self._runs = [self._bind(session)]
         if self.float32_below_t:
             self._runs.append(self._bind(float32_session))
-
-    @property
-    def sample(self) -> np.ndarray:
-        """x_t: write into it (`np.copyto`), never replace it."""
-        return self._sample
-
-    @property
-    def timestep(self) -> np.ndarray:
-        return self._timestep
-
-    @property
-    def noise_pred(self) -> np.ndarray:
-        return self._noise_pred
 
     def _bind(self, session: ort.InferenceSession) -> tuple[ort.InferenceSession, Any]:
         binding = session.io_binding()
@@ -178,6 +169,8 @@ class OnnxDDPMPipeline:
             Whether the session was created with ORT CUDA graphs (one graph is captured per batch size).
         float32_session (`onnxruntime.InferenceSession`, *optional*):
             An int8 export's float32 graph, run for t < `metadata["float32_below_t"]` (time-step-aware precision).
+        engine (`OpenVinoEngine`, *optional*):
+            Runs the network on OpenVINO in place of `session` (which is then `None`).
 
     One call at a time per instance: the bound buffers are shared between calls (the demo keeps one instance
     per concurrent request).
@@ -185,24 +178,35 @@ class OnnxDDPMPipeline:
 
     def __init__(
         self, session: ort.InferenceSession, scheduler_config: dict[str, Any], metadata: dict[str, Any],
-        cuda_graph: bool = False, float32_session: ort.InferenceSession | None = None,
+        cuda_graph: bool = False, float32_session: ort.InferenceSession | None = None, engine: Any = None,
     ) -> None:
         self.session = session
         self.float32_session = float32_session
+        self.engine = engine
         self.float32_below_t = int(metadata.get("float32_below_t") or 0) if float32_session is not None else 0
+        if engine is not None:
+            self.float32_below_t = engine.float32_below_t
         self.scheduler_config = dict(scheduler_config)
         self.metadata = dict(metadata)
         self.diffusion = GaussianDiffusion.from_config(self.scheduler_config)
-        self.device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
+        self.device = "cuda" if session is not None and session.get_providers()[0] == CUDA else "cpu"
         self.cuda_graph = cuda_graph
-        self._bound: dict[int, BoundUNet] = {}
+        self._bound: dict[int, Any] = {}
         for model in (session, float32_session):
             if model is not None:
                 self._check_model_interface(model)
 
     @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        """What runs the network: onnxruntime's execution providers, or the OpenVINO device and precision."""
+        return self.engine.providers if self.engine is not None else self.session.get_providers()
+
+    @property
+    def precision(self) -> str:
+        """The precision the network runs in: the export's (`fp32`, `fp16`, `int8`), or OpenVINO's."""
+        if self.engine is not None:
+            return self.engine.precision
+        return str(self.metadata.get("precision") or ("fp16" if self.metadata.get("fp16") else "fp32"))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -217,6 +221,9 @@ class OnnxDDPMPipeline:
         num_threads: int | None = None,
         cuda_graph: bool = False,
         session_options: ort.SessionOptions | None = None,
+        engine: Engine = "onnxruntime",
+        precision: str | None = None,
+        float32_below_t: int | None = None,
     ) -> "OnnxDDPMPipeline":
         r"""
         Load an export folder (or a pipeline folder with its export in `onnx/`).
@@ -233,6 +240,15 @@ class OnnxDDPMPipeline:
                 Capture and replay the UNet as an ORT CUDA graph (CUDA only).
             session_options (`onnxruntime.SessionOptions`, *optional*):
                 The options of every session, in place of `providers.session_options(num_threads)`.
+            engine (`str`, *optional*, defaults to `"onnxruntime"`):
+                `"onnxruntime"` or `"openvino"` (OpenVINO's CPU runtime, `pip install "ddpm-plugin[openvino]"`;
+                a float32 export only; `provider`, `cuda_graph` and `session_options` are onnxruntime's).
+            precision (`str`, *optional*):
+                OpenVINO's: `"fp32"` (the default) or `"bf16"`. onnxruntime runs the export's own precision,
+                which this may name.
+            float32_below_t (`int`, *optional*):
+                With OpenVINO bf16, the t below which the float32 compilation runs (default
+                `BF16_FLOAT32_BELOW_T`; 0: bf16 at every t).
 
         An int8 export with `float32_below_t` in its metadata loads its float32 graph as well and runs it for
         t < `float32_below_t` (`ddpm_plugin.export.quantize`).
@@ -243,8 +259,17 @@ class OnnxDDPMPipeline:
             this onnxruntime cannot run.
             [`StaleExportError`]: the export sits in a pipeline folder whose weights changed since it was made.
         """
+        if engine not in ENGINES:
+            raise ValueError(f"`engine` must be one of {list(ENGINES)}, got {engine!r}.")
         export = open_export_folder(path)
         model_path, float32_path, metadata = export.model_path, export.float32_path, export.metadata
+        if engine == "openvino":
+            return cls._from_export_on_openvino(export, provider, num_threads, cuda_graph, session_options,
+                                                precision or "fp32", float32_below_t)
+        exported = str(metadata.get("precision") or ("fp16" if metadata.get("fp16") else "fp32"))
+        if precision not in (None, exported) or float32_below_t is not None:
+            raise ValueError(f"onnxruntime runs the export's own precision ({exported}); `precision` {precision!r} "
+                             f"and `float32_below_t` are the OpenVINO engine's (`engine=\"openvino\"`).")
         providers = resolve_providers(provider)
         names = [entry[0] if isinstance(entry, (tuple, list)) else entry for entry in providers]
         if cuda_graph:
@@ -255,6 +280,24 @@ class OnnxDDPMPipeline:
         session = _load_session(model_path, metadata, options, providers)
         float32_session = None if float32_path is None else _load_session(float32_path, metadata, options, providers)
         return cls(session, export.scheduler_config, metadata, cuda_graph=cuda_graph, float32_session=float32_session)
+
+    @classmethod
+    def _from_export_on_openvino(
+        cls, export: Any, provider: ProviderSpec, num_threads: int | None, cuda_graph: bool,
+        session_options: ort.SessionOptions | None, precision: str, float32_below_t: int | None,
+    ) -> "OnnxDDPMPipeline":
+        if provider not in ("auto", "cpu") or cuda_graph or session_options is not None:
+            raise ValueError("`provider`, `cuda_graph` and `session_options` are onnxruntime's; the OpenVINO engine "
+                             "runs on the CPU with `num_threads` threads.")
+        exported = export.metadata.get("precision") or ("fp16" if export.metadata.get("fp16") else "fp32")
+        if exported != "fp32":
+            raise OnnxModelError(f"{export.folder} is a {exported} export; the OpenVINO engine runs a float32 export "
+                                 f"(and makes bf16 from it itself): export one with `ddpm export` without --quantize/--fp16.")
+        from .openvino_engine import OpenVinoEngine
+
+        below = (BF16_FLOAT32_BELOW_T if float32_below_t is None else float32_below_t) if precision == "bf16" else 0
+        engine = OpenVinoEngine(export.model_path, export.image_shape, precision, num_threads, below)
+        return cls(None, export.scheduler_config, export.metadata, engine=engine)
 
     def _check_model_interface(self, session: ort.InferenceSession) -> None:
         inputs, outputs = session.get_inputs(), session.get_outputs()
@@ -294,13 +337,17 @@ class OnnxDDPMPipeline:
             raise ValueError(f"`output_type` must be 'np' or 'pil', got {output_type!r}.")
 
     def bound_unet(self, batch_size: int) -> BoundUNet:
-        """The UNet with buffers bound for `batch_size` (created once per batch size, then reused)."""
+        """The UNet with buffers bound for `batch_size` (created, or compiled by OpenVINO, once per batch size,
+        then reused)."""
         if batch_size not in self._bound:
             check_allocation(batch_size * int(np.prod(self.image_shape)) * FLOAT32_BYTES * SAMPLE_BUFFERS,
                              f"`batch_size` {batch_size} of {'x'.join(map(str, self.image_shape))} images")
             if len(self._bound) >= MAX_BOUND_BATCH_SIZES and not self.cuda_graph:
                 self._bound.pop(next(iter(self._bound)))  # forget the oldest batch size's buffers
             graph_id = len(self._bound) + 1 if self.cuda_graph else None
+            if self.engine is not None:
+                self._bound[batch_size] = self.engine.bind(batch_size)
+                return self._bound[batch_size]
             self._bound[batch_size] = BoundUNet(
                 self.session, (batch_size, *self.image_shape), self.device, graph_id,
                 float32_session=self.float32_session, float32_below_t=self.float32_below_t,

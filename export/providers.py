@@ -25,6 +25,8 @@ from typing import Sequence, Union
 
 import onnxruntime as ort
 
+from .cpu import physical_cpu_count
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 ProviderSpec = Union[str, Sequence[Union[str, tuple[str, dict]]]]
@@ -128,24 +130,6 @@ def resolve_providers(provider: ProviderSpec = "auto") -> list:
         if name not in available:
             raise ValueError(f"`provider` {name!r} is not available in onnxruntime {ort.__version__}; available: {available}.")
     return providers
-
-
-def physical_cpu_count() -> int:
-    """Physical cores this process may run on (hyper-threads share a core's FMA units, so they do not help)."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        cores, current = set(), {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key in ("physical id", "core id"):
-                current[key] = value
-            if len(current) == 2:
-                cores.add((current["physical id"], current["core id"]))
-                current = {}
-        physical = len(cores) or allowed
-    except OSError:
-        physical = allowed
-    return max(1, min(physical, allowed))
 
 
 def session_options(num_threads: int | None = None) -> ort.SessionOptions:

@@ -1,7 +1,8 @@
 """`open_sampler`: the one way to open a model folder for sampling, on PyTorch or ONNX Runtime.
 
 The `ddpm` command, the demo, `ddpm push`'s card grid and the benchmarks open their samplers here. onnxruntime is
-imported only for the ONNX Runtime backend and torch only for the PyTorch one, so either works without the other.
+imported only for the ONNX Runtime backend, OpenVINO only for its own and torch only for the PyTorch one, so each
+works without the others.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from ddpm_plugin.sampling import (
     load_pipeline,
     loaded_files,
 )
-from ddpm_plugin.vocabulary import BACKENDS, Backend, Sampler, check_eta, check_sampler, check_steps
+from ddpm_plugin.vocabulary import (
+    BACKENDS, BF16_FLOAT32_BELOW_T, PRECISIONS, Backend, Precision, Sampler, check_eta, check_sampler, check_steps,
+)
 
 from .numpy_sampler import dpm_solver_timesteps
 
@@ -35,6 +38,7 @@ def open_sampler(
     num_threads: int | None = None,
     session_options: Any = None,
     progress_bar: bool = True,
+    precision: Precision | None = None,
 ) -> ImageSampler:
     r"""
     An [`ImageSampler`] for a pipeline folder (or an export folder), holding what it loaded (`loaded`: the files
@@ -43,8 +47,8 @@ def open_sampler(
     Args:
         model (`str` or `os.PathLike`): The pipeline folder, an export folder for ONNX Runtime, a `ddpm train` run
             folder, or a bundled model's name (`"mnist"`, `"digits"`), as [`ddpm_plugin.bundled.resolve_model`] reads it.
-        backend (`str`, *optional*): `"onnxruntime"` or `"pytorch"`; defaults to ONNX Runtime when the folder is or
-            carries an export ([`default_backend`]).
+        backend (`str`, *optional*): `"onnxruntime"`, `"openvino"` (the export on OpenVINO's CPU runtime) or
+            `"pytorch"`; defaults to ONNX Runtime when the folder is or carries an export ([`default_backend`]).
         scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` (Algorithm 2), `"ddim"` or `"dpmsolver++"`.
         num_inference_steps (`int`, *optional*, defaults to 1000): Denoising steps, 1..T.
         eta (`float`, *optional*, defaults to 0.0): DDIM's stochasticity; must be 0 with `"ddpm"` and `"dpmsolver++"`.
@@ -55,6 +59,8 @@ def open_sampler(
         session_options (`onnxruntime.SessionOptions`, *optional*): ONNX Runtime's session options, in place of
             `export.providers.session_options(num_threads)`.
         progress_bar (`bool`, *optional*, defaults to `True`): A progress bar over each batch's steps.
+        precision (`str`, *optional*): `"fp32"` or `"bf16"` (OpenVINO and PyTorch, with float32 below t =
+            `BF16_FLOAT32_BELOW_T`); defaults to fp32 there, and onnxruntime runs the export's own precision.
     """
     model = resolve_model(model)
     backend = backend or default_backend(model)
@@ -63,6 +69,11 @@ def open_sampler(
     check_sampler(scheduler)
     check_seed(seed)
     check_eta(scheduler, eta)
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}.")
+    if backend == "onnxruntime" and precision == "bf16":
+        raise ValueError("onnxruntime runs the export's own precision and has no bf16 path on the CPU: "
+                         "use backend 'openvino' or 'pytorch' for bf16.")
     loaded = loaded_files(model, backend)  # before loading: a link or a device is refused, never read
     if backend == "pytorch":
         if device == "auto":
@@ -70,20 +81,34 @@ def open_sampler(
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = load_pipeline(model, scheduler).to(device)
+        below = 0
+        if precision == "bf16":  # bf16 weights in channels-last, oneDNN's fastest bf16 convolutions
+            import torch
+
+            pipe.unet.bfloat16()  # Module.bfloat16: diffusers' `to(dtype)` warns about an empty list of modules
+            pipe.unet.to(memory_format=torch.channels_last)
+            below = BF16_FLOAT32_BELOW_T
         pipe.set_progress_bar_config(leave=False, disable=not progress_bar)
         check_steps(num_inference_steps, pipe.scheduler.config.num_train_timesteps)
         if scheduler == "dpmsolver++":  # refuses a step count whose timesteps repeat
             dpm_solver_timesteps(pipe.scheduler.config, num_inference_steps)
-        return TorchImageSampler(pipe, num_inference_steps, seed, scheduler, eta, loaded)
+        return TorchImageSampler(pipe, num_inference_steps, seed, scheduler, eta, loaded, float32_below_t=below)
     from .onnx_pipeline import OnnxDDPMPipeline
 
     provider: Any = "auto" if device == "auto" else "cpu"
     if device.startswith("cuda"):
         device_id = int(device.partition(":")[2] or 0)
         provider = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-    pipe = OnnxDDPMPipeline.from_pretrained(model, provider=provider, num_threads=num_threads,
-                                            session_options=session_options)
+    if backend == "openvino":
+        if device != "cpu":
+            raise ValueError(f"the OpenVINO backend runs on the CPU; `device` {device!r} is onnxruntime's or PyTorch's.")
+        pipe = OnnxDDPMPipeline.from_pretrained(model, engine="openvino", precision=precision or "fp32",
+                                                num_threads=num_threads)
+    else:
+        pipe = OnnxDDPMPipeline.from_pretrained(model, provider=provider, num_threads=num_threads,
+                                                session_options=session_options)
     check_steps(num_inference_steps, pipe.diffusion.num_timesteps)
     if scheduler == "dpmsolver++":
         dpm_solver_timesteps(pipe.scheduler_config, num_inference_steps)
-    return OnnxImageSampler(pipe, num_inference_steps, seed, scheduler, eta, loaded, progress_bar)
+    return OnnxImageSampler(pipe, num_inference_steps, seed, scheduler, eta, loaded, progress_bar, backend)
+
