@@ -175,6 +175,7 @@ def ddim_step_function(
     coef_x, coef_eps = diffusion.sqrt_recip_alphas_cumprod[t], diffusion.sqrt_recipm1_alphas_cumprod[t]
     # x_{t-1} = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
     coef_x0, coef_direction = np.sqrt(alpha_bar_prev), np.sqrt(1.0 - alpha_bar_prev - sigmas**2)
+    sigmas32 = sigmas.astype(np.float32)
     bound, buffers = clip_bound(config), StepBuffers(3)
 
     def step(i: int, x_t: np.ndarray, noise_pred: np.ndarray, generator: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -183,9 +184,8 @@ def ddim_step_function(
         np.multiply(pred_original_sample, coef_x0[i], out=x_prev)
         np.multiply(noise_pred, coef_direction[i], out=scratch, dtype=np.float64)
         np.add(x_prev, scratch, out=x_prev)
-        if eta > 0:
-            z = generator.standard_normal(x_t.shape, dtype=np.float32)
-            np.add(x_prev, np.multiply(z, sigmas[i], out=scratch, dtype=np.float64), out=x_prev)
+        if eta > 0:  # sigma z in float32, as sampler.js mirrors it
+            np.add(x_prev, generator.standard_normal(x_t.shape, dtype=np.float32) * sigmas32[i], out=x_prev)
         return x_prev, pred_original_sample
 
     return step

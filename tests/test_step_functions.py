@@ -48,7 +48,7 @@ def plain_ddim(diffusion, timesteps, eta, num_inference_steps):
         x0 = plain_x0(diffusion, x_t, eps, t)
         x_prev = np.sqrt(a_prev) * x0 + np.sqrt(1.0 - a_prev - sigma**2) * eps.astype(np.float64)
         if eta > 0:
-            x_prev = x_prev + np.float64(sigma) * noise.standard_normal(x_t.shape, dtype=np.float32).astype(np.float64)
+            x_prev = x_prev + noise.standard_normal(x_t.shape, dtype=np.float32) * np.float32(sigma)
         return x_prev, x0
 
     return step
