@@ -1,4 +1,5 @@
-"""Quality per precision: PyTorch fp32 and bf16, ONNX fp32 and int8, on the same images and the same noise.
+"""Quality per precision: PyTorch fp32 and bf16, ONNX fp32 and int8 (and with `--openvino`, OpenVINO fp32 and
+bf16), on the same images and the same noise.
 
 For each precision it reports, against its float32 counterpart:
 
@@ -26,6 +27,10 @@ bf16 runs under `torch.autocast` (`--bf16 dtype` loads with `torch_dtype=torch.b
 precision for t >= N and float32 for t < N, where the bound weighs eps errors most (paper Eq. 12; bf16 weights: a
 float32 copy of them), as `ddpm export --quantize int8 --float32-below-t N` and `DDPMPaperPipeline(...,
 float32_below_t=N)` sample.
+`--openvino` adds `openvino-fp32` and `openvino-bf16`: `ddpm export`'s float32 graph on OpenVINO
+(`export.openvino_engine`) at OpenVINO's float32 or bf16 inference precision on every t; its scheduled row
+`openvino-bf16+fp32-below-tN` runs OpenVINO's float32 compilation of the same graph for t < N, as
+`open_sampler(..., "openvino", precision="bf16")` samples.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import torch
 
 BF16_MODES = ("autocast", "dtype")
 ONNX_PRECISIONS = ("onnx-fp32", "onnx-int8")
+OPENVINO_PRECISIONS = ("openvino-fp32", "openvino-bf16")
 MNIST_TEST = Path(os.environ.get("DDPM_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")) / "mnist_test.npz"
 
 
@@ -77,23 +83,57 @@ class OnnxUNet(StandInUNet):
         return UNet2DOutput(sample=torch.from_numpy(self.session.run(None, feeds)[0]))
 
 
+class OpenVinoUNet(StandInUNet):
+    """An export on OpenVINO at one inference precision for every t, behind `UNet2DModel`'s call; compiled once
+    per batch size, and a batch that mixes t runs one call per t."""
+
+    def __init__(self, folder: Path, config: Any, precision: str, threads: int) -> None:
+        super().__init__()
+        from ddpm_plugin.export.onnx_folder import open_export_folder
+        from ddpm_plugin.export.openvino_engine import OpenVinoEngine
+
+        export = open_export_folder(folder)
+        self.engine = OpenVinoEngine(export.model_path, export.image_shape, precision, threads)
+        self.config = config
+        self.compiled: dict[int, Any] = {}
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> Any:
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        timestep = torch.as_tensor(timestep, dtype=torch.int64).expand(sample.shape[0])
+        sample = sample.detach().float()
+        eps = torch.empty(sample.shape, dtype=torch.float32)
+        for t in torch.unique(timestep).tolist():
+            rows = timestep == t
+            count = int(rows.sum())
+            if count not in self.compiled:
+                self.compiled[count] = self.engine.bind(count)
+            unet = self.compiled[count]
+            np.copyto(unet.sample, sample[rows].numpy())
+            eps[rows] = torch.from_numpy(unet(t).copy())
+        return UNet2DOutput(sample=eps)
+
+
 def scheduled_name(name: str, below_t: int) -> str:
     return f"{name}+fp32-below-t{below_t}"
 
 
-def precision_names(bf16: str, below_t: int = 0) -> list[str]:
-    """The rows, in order: `pytorch-bf16-<mode>` for each bf16 mode asked for (`both`: autocast and dtype), and
-    with `below_t` the time-step-aware rows of each bf16 row and of int8."""
+def precision_names(bf16: str, below_t: int = 0, openvino: bool = False) -> list[str]:
+    """The rows, in order: `pytorch-bf16-<mode>` for each bf16 mode asked for (`both`: autocast and dtype), the
+    ONNX rows, with `openvino` the OpenVINO rows, and with `below_t` the time-step-aware rows of each bf16 row and
+    of int8."""
     modes = BF16_MODES if bf16 == "both" else (bf16,)
-    names = ["pytorch-fp32", *(f"pytorch-bf16-{mode}" for mode in modes), *ONNX_PRECISIONS]
+    names = ["pytorch-fp32", *(f"pytorch-bf16-{mode}" for mode in modes), *ONNX_PRECISIONS,
+             *(OPENVINO_PRECISIONS if openvino else ())]
     if below_t:
-        names += [scheduled_name(name, below_t) for name in names if name.startswith("pytorch-bf16") or name == "onnx-int8"]
+        names += [scheduled_name(name, below_t) for name in names
+                  if name.startswith("pytorch-bf16") or name in ("onnx-int8", "openvino-bf16")]
     return names
 
 
 def runtime_reference(name: str) -> str:
     """The float32 row of the runtime of row `name`."""
-    return "onnx-fp32" if name.startswith("onnx-") else "pytorch-fp32"
+    return next((f"{runtime}-fp32" for runtime in ("onnx", "openvino") if name.startswith(f"{runtime}-")), "pytorch-fp32")
 
 
 def load_precision(name: str, model: Path, onnx_folders: dict[str, Path], threads: int) -> tuple[Any, Any, int]:
@@ -114,6 +154,12 @@ def load_precision(name: str, model: Path, onnx_folders: dict[str, Path], thread
         float32 = OnnxUNet(onnx_folders["onnx-fp32"], pipe.unet.config, threads) if below_t else onnx_pipe.unet
         onnx_pipe.float32_network = lambda: float32  # the float32 graph, where `predict_eps` asks for float32
         pipe = onnx_pipe
+    if base in OPENVINO_PRECISIONS:
+        network = OpenVinoUNet(onnx_folders["openvino"], pipe.unet.config, base.removeprefix("openvino-"), threads)
+        openvino_pipe = DDPMPaperPipeline(unet=network, scheduler=pipe.scheduler)
+        float32 = OpenVinoUNet(onnx_folders["openvino"], pipe.unet.config, "fp32", threads) if below_t else network
+        openvino_pipe.float32_network = lambda: float32  # OpenVINO's float32 compilation of the same graph
+        pipe = openvino_pipe
     pipe.set_progress_bar_config(disable=True)
     return pipe, context, int(below_t or 0)
 
@@ -151,19 +197,26 @@ def classifier_frechet_distance(images: np.ndarray, classifier: Any, reference_f
     return frechet_distance(classify(classifier, images[..., 0])[0], reference_features)
 
 
-def export_graphs(model: Path, scratch: Path, int8: str | None) -> tuple[dict[str, Path], dict]:
-    """The float32 and int8 graphs, both from the TorchScript exporter (the int8 one quantized from the same
-    float32 graph, calibrated on the model's training data), and the int8 graph's eps quality; `int8` is an
-    existing int8 export to use instead."""
+def export_graphs(model: Path, scratch: Path, int8: str | None, onnx: bool = True, openvino: bool = False) -> tuple[dict[str, Path], dict | None]:
+    """With `onnx`, the float32 and int8 graphs, both from the TorchScript exporter (the int8 one quantized from the
+    same float32 graph, calibrated on the model's training data), and the int8 graph's eps quality (`int8`: an
+    existing int8 export to use instead); with `openvino`, `ddpm export`'s float32 graph (the dynamo exporter),
+    which the OpenVINO rows run."""
     from ddpm_plugin.export.onnx_export import export_onnx
     from ddpm_plugin.export.quantize import Int8Settings
 
+    folders: dict[str, Path] = {}
+    if openvino:
+        folders["openvino"] = export_onnx(model, scratch / "dynamo", seed=0).output_dir
+    if not onnx:
+        return folders, None
     fp32 = export_onnx(model, scratch / "fp32", exporter="torchscript", seed=0).output_dir
     if int8:
-        return {"onnx-fp32": fp32, "onnx-int8": Path(int8)}, json.loads((Path(int8) / "ddpm_onnx.json").read_text())["quality"]
+        return ({**folders, "onnx-fp32": fp32, "onnx-int8": Path(int8)},
+                json.loads((Path(int8) / "ddpm_onnx.json").read_text())["quality"])
     report = export_onnx(model, scratch / "int8", exporter="torchscript", seed=0,
                          quantize=Int8Settings(budget=1.0))
-    return {"onnx-fp32": fp32, "onnx-int8": report.output_dir}, report.quality
+    return {**folders, "onnx-fp32": fp32, "onnx-int8": report.output_dir}, report.quality
 
 
 def main() -> None:
@@ -180,6 +233,7 @@ def main() -> None:
     parser.add_argument("--bf16", choices=(*BF16_MODES, "both"), default="autocast")
     parser.add_argument("--float32-below-t", type=int, default=0,
                         help="add rows with bf16 / int8 for t >= N and float32 for t < N")
+    parser.add_argument("--openvino", action="store_true", help="add the OpenVINO rows (openvino-fp32, openvino-bf16)")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated rows to measure here (default: all; `none`: only the table of what is saved)")
     parser.add_argument("--reference", default=str(MNIST_TEST),
@@ -194,7 +248,7 @@ def main() -> None:
     threads = args.threads or physical_cpu_count()
     torch.set_num_threads(threads)
     model = resolve_model(args.model)
-    names = precision_names(args.bf16, args.float32_below_t)
+    names = precision_names(args.bf16, args.float32_below_t, args.openvino)
     run_here = names if args.precisions is None else [] if args.precisions == "none" else args.precisions.split(",")
     if set(run_here) - set(names):
         raise ValueError(f"`--precisions` names unknown rows {sorted(set(run_here) - set(names))}; the rows are {names}.")
@@ -214,13 +268,15 @@ def main() -> None:
     measures = [("bpd", None), ("ddim", args.ddim_steps), ("ddpm", args.ddpm_steps)]
     with tempfile.TemporaryDirectory() as scratch:
         onnx_folders: dict[str, Path] = {}
-        if any(name.startswith("onnx-") for name in run_here):
-            onnx_folders, int8_quality = export_graphs(model, Path(scratch), args.int8)
-            (rows_dir / "int8_eps_quality.json").write_text(json.dumps(int8_quality, indent=1) + "\n")
+        onnx, openvino = (any(name.startswith(f"{runtime}-") for name in run_here) for runtime in ("onnx", "openvino"))
+        if onnx or openvino:
+            onnx_folders, int8_quality = export_graphs(model, Path(scratch), args.int8, onnx, openvino)
+            if int8_quality is not None:
+                (rows_dir / "int8_eps_quality.json").write_text(json.dumps(int8_quality, indent=1) + "\n")
         pipes = {name: load_precision(name, model, onnx_folders, threads) for name in run_here}
         unet_config = json.loads((model / "unet" / "config.json").read_text())
         shape = (unet_config["in_channels"], unet_config["sample_size"], unet_config["sample_size"])
-        images, _ = dataset_images(dataset, shape, args.images, seed=0)
+        images, _ = dataset_images(dataset, shape, args.images, seed=0, split="test")
         latents = torch.randn((max(args.samples, ddpm_samples), *shape), generator=torch.manual_seed(0))
         # Each measure for every precision before the next measure: bits/dim, DDIM, then DDPM (the slowest).
         for measure, steps in measures:
