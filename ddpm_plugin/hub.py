@@ -287,7 +287,7 @@ def build_hub_folder(
         make_grid(images, scale=max(1, GRID_TILE_PIXELS // images.shape[1])).save(output / GRID_FILE)
         steps = (f"{sampler.num_inference_steps} ancestral sampling steps (Algorithm 2)" if sampler.scheduler == "ddpm"
                  else f"{sampler.num_inference_steps} DDIM steps (eta {sampler.eta})")
-        runtime = "ONNX Runtime" if sampler.backend == "onnxruntime" else "PyTorch"
+        runtime = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(sampler.backend, "PyTorch")
         caption = f"{GRID_IMAGES} samples, seed {sampler.seed}, {steps}, on {runtime}."
     card = model_card(
         model_dir, repo_id,

@@ -113,8 +113,8 @@ def sample_grid(pipe: "DDPMPaperPipeline", num_images: int, num_inference_steps:
 
 
 def default_backend(model: str | os.PathLike) -> Backend:
-    """ONNX Runtime when the folder is an ONNX export or carries one in `onnx/` (as `ddpm export` writes it), else
-    PyTorch."""
+    """The backend when the engine table cannot decide (`export.engine_choice.choose_engine`): ONNX Runtime when
+    the folder is an ONNX export or carries one in `onnx/` (as `ddpm export` writes it), else PyTorch."""
     folder = Path(model)
     exported = (folder / ONNX_METADATA_FILE).is_file() or (folder / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file()
     return "onnxruntime" if exported else "pytorch"

@@ -10,7 +10,7 @@ OUT/
 ├── model.float32.onnx              # int8 exports: the float32 graph, run for t < `float32_below_t`
 ├── scheduler/scheduler_config.json # copied from the pipeline folder (the training schedule)
 └── ddpm_onnx.json                  # metadata: format, sample_size, in_channels, opset, precision, fp16,
-                                    #   max_abs_error, tolerance, preset (or null), source_model, ...
+                                    #   gflop_per_image, max_abs_error, tolerance, preset (or null), ...
 ```
 
 `precision` is `"fp32"`, `"fp16"` (`fp16=True`: float16 weights and activations, for GPUs) or `"int8"`
@@ -132,6 +132,19 @@ def epsilon_model(unet: Any, fp16: bool) -> Any:
     return EpsilonModel().eval()
 
 
+def unet_gflop_per_image(unet: Any) -> float:
+    """The UNet's GFLOP for one image at one step, as `torch.utils.flop_counter.FlopCounterMode` counts them on a
+    batch of 1 (the figure the engine choice multiplies by the batch size)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = unet.config
+    sample = torch.zeros(1, config.in_channels, config.sample_size, config.sample_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, torch.tensor([500]))
+    return counter.get_total_flops() / 1e9
+
+
 def check_export_arguments(exporter: str, opset: int, tolerance: float) -> None:
     """Refuse settings no export can satisfy, before anything is loaded or written."""
     if exporter not in EXPORTERS:
@@ -231,6 +244,7 @@ def export_onnx(
     if not isinstance(sample_size, int):
         raise ValueError(f"only square UNets are supported, got `sample_size` {sample_size!r}.")
     image_shape = (unet.config.in_channels, sample_size, sample_size)
+    gflop_per_image = unet_gflop_per_image(unet)  # counted in float32, before the export may cast the network
     if quantize is not None:  # the data are read before any work, so a bad data set fails fast
         quantize, calibration_images = _calibration_images(model_dir, image_shape, quantize)
     reference = epsilon_model(UNet2DModel.from_config(unet.config).eval(), fp16=False)
@@ -270,6 +284,7 @@ def export_onnx(
         "exporter": exporter,
         "precision": precision,
         "fp16": fp16,
+        "gflop_per_image": round(gflop_per_image, 6),  # the work per image and step that the engine choice weighs
         "float16_stored_weights": float16_weights,
         "max_abs_error": max_abs_error,
         "tolerance": tolerance,

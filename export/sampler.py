@@ -16,14 +16,12 @@ from ddpm_plugin.sampling import (
     OnnxImageSampler,
     TorchImageSampler,
     check_seed,
-    default_backend,
     load_pipeline,
     loaded_files,
 )
-from ddpm_plugin.vocabulary import (
-    BACKENDS, BF16_FLOAT32_BELOW_T, PRECISIONS, Backend, Precision, Sampler, check_eta, check_sampler, check_steps,
-)
+from ddpm_plugin.vocabulary import BF16_FLOAT32_BELOW_T, Backend, Precision, Sampler, check_eta, check_sampler, check_steps
 
+from .engine_choice import choose_engine
 from .numpy_sampler import dpm_solver_timesteps
 
 
@@ -39,6 +37,7 @@ def open_sampler(
     session_options: Any = None,
     progress_bar: bool = True,
     precision: Precision | None = None,
+    batch_size: int = 1,
 ) -> ImageSampler:
     r"""
     An [`ImageSampler`] for a pipeline folder (or an export folder), holding what it loaded (`loaded`: the files
@@ -48,32 +47,31 @@ def open_sampler(
         model (`str` or `os.PathLike`): The pipeline folder, an export folder for ONNX Runtime, a `ddpm train` run
             folder, or a bundled model's name (`"mnist"`, `"digits"`), as [`ddpm_plugin.bundled.resolve_model`] reads it.
         backend (`str`, *optional*): `"onnxruntime"`, `"openvino"` (the export on OpenVINO's CPU runtime) or
-            `"pytorch"`; defaults to ONNX Runtime when the folder is or carries an export ([`default_backend`]).
+            `"pytorch"`; when None, the engine table picks the fastest for this machine and `batch_size`
+            ([`choose_engine`], whose `reason` says why).
         scheduler (`str`, *optional*, defaults to `"ddpm"`): `"ddpm"` (Algorithm 2), `"ddim"` or `"dpmsolver++"`.
         num_inference_steps (`int`, *optional*, defaults to 1000): Denoising steps, 1..T.
         eta (`float`, *optional*, defaults to 0.0): DDIM's stochasticity; must be 0 with `"ddpm"` and `"dpmsolver++"`.
         seed (`int`, *optional*, defaults to 0): The run's seed, 0..2**63-1.
         device (`str`, *optional*, defaults to `"cpu"`): `"cpu"`, `"cuda"`, `"cuda:N"`, or `"auto"` (CUDA when
             usable here, else the CPU).
-        num_threads (`int`, *optional*): Intra-op threads of ONNX Runtime on CPU (PyTorch follows `OMP_NUM_THREADS`).
+        num_threads (`int`, *optional*): Threads of ONNX Runtime or OpenVINO on CPU (PyTorch follows
+            `OMP_NUM_THREADS`); defaults to the engine choice's.
         session_options (`onnxruntime.SessionOptions`, *optional*): ONNX Runtime's session options, in place of
             `export.providers.session_options(num_threads)`.
         progress_bar (`bool`, *optional*, defaults to `True`): A progress bar over each batch's steps.
         precision (`str`, *optional*): `"fp32"` or `"bf16"` (OpenVINO and PyTorch, with float32 below t =
-            `BF16_FLOAT32_BELOW_T`); defaults to fp32 there, and onnxruntime runs the export's own precision.
+            `BF16_FLOAT32_BELOW_T`; onnxruntime runs the export's own precision); when None, the engine choice's.
+        batch_size (`int`, *optional*, defaults to 1): The batch size the caller will draw, which the engine
+            choice weighs (the sampler draws any batch size).
     """
     model = resolve_model(model)
-    backend = backend or default_backend(model)
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {list(BACKENDS)}, got {backend!r}.")
     check_sampler(scheduler)
     check_seed(seed)
     check_eta(scheduler, eta)
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}.")
-    if backend == "onnxruntime" and precision == "bf16":
-        raise ValueError("onnxruntime runs the export's own precision and has no bf16 path on the CPU: "
-                         "use backend 'openvino' or 'pytorch' for bf16.")
+    choice = choose_engine(model, batch_size, backend, precision)
+    backend, num_threads = choice.backend, num_threads or choice.num_threads
+    precision = None if backend == "onnxruntime" else choice.precision
     loaded = loaded_files(model, backend)  # before loading: a link or a device is refused, never read
     if backend == "pytorch":
         if device == "auto":
@@ -102,7 +100,7 @@ def open_sampler(
     if backend == "openvino":
         if device != "cpu":
             raise ValueError(f"the OpenVINO backend runs on the CPU; `device` {device!r} is onnxruntime's or PyTorch's.")
-        pipe = OnnxDDPMPipeline.from_pretrained(model, engine="openvino", precision=precision or "fp32",
+        pipe = OnnxDDPMPipeline.from_pretrained(model, engine="openvino", precision=precision,
                                                 num_threads=num_threads)
     else:
         pipe = OnnxDDPMPipeline.from_pretrained(model, provider=provider, num_threads=num_threads,

@@ -10,5 +10,5 @@ pip() { .venv-lower/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 # The machine's pip configuration may cap torch to the builds on its disk; the lower bound is another release.
 PIP_CONSTRAINT="" pip install -q -c constraints/lower-bounds.txt -e ".[dev]"
-.venv-lower/bin/python -c "import importlib.metadata as m; print('lower bounds:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'diffusers', 'accelerate', 'onnxruntime', 'gradio', 'huggingface_hub', 'numpy')))"
+.venv-lower/bin/python -c "import importlib.metadata as m; print('lower bounds:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'diffusers', 'accelerate', 'onnxruntime', 'openvino', 'gradio', 'huggingface_hub', 'numpy')))"
 OMP_NUM_THREADS=1 .venv-lower/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not browser"

@@ -74,6 +74,7 @@ def test_wheel_holds_every_module_and_the_bundled_models(wheel):
             if "node_modules" in source.parts:
                 continue
             assert f"{installed}/{source.relative_to(REPO / folder).as_posix()}" in names, source
+    assert "ddpm_plugin/export/engine_table.json" in names  # the engine choice's rules
     for source in (REPO / "ddpm_plugin" / "bundled").rglob("*"):
         if source.is_file() and source.suffix != ".py" and "__pycache__" not in source.parts:
             assert source.relative_to(REPO).as_posix() in names, source
@@ -106,6 +107,7 @@ def test_torch_free_install_samples_with_onnxruntime(wheel, tmp_path):
     assert "(2, " in run([str(python), "-c", script], cwd=tmp_path).stdout
     ddpm = venv / "bin" / "ddpm"
     assert run([str(ddpm), "--version"]).stdout.startswith("ddpm-plugin ")
+    assert "would sample with: onnxruntime" in run([str(ddpm), "info", "--model", "digits", "--batch-size", "16"]).stdout
     refused = subprocess.run([str(ddpm), "train", "--preset", "digits", "--output-dir", str(tmp_path / "run")],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
@@ -121,7 +123,7 @@ def test_all_extras_install_runs_every_command(wheel, tmp_path, free_port):
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     assert run([ddpm, "--version"], env=env).stdout.strip().startswith("ddpm-plugin 0.")
     assert "| cifar10 | 32x32x3 | 35,746,307 |" in run([ddpm, "info"], env=env).stdout
-    for backend in ("pytorch", "onnxruntime"):
+    for backend in ("pytorch", "onnxruntime", "openvino"):
         grid = tmp_path / f"grid-{backend}.png"
         run([ddpm, "sample", "--num-images", "4", "--steps", "2", "--scheduler", "ddim", "--backend", backend,
              "--output", str(grid)], env=env, cwd=tmp_path)

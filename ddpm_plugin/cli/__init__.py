@@ -25,6 +25,7 @@ MODULE_EXTRAS = {
     "onnx": "onnx",
     "onnxscript": "onnx",
     "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
     "gradio": "demo",
     "torchmetrics": "eval",
     "matplotlib": "eval",

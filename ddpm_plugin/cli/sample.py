@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ddpm_plugin.sampling import MAX_SEED
-from ddpm_plugin.vocabulary import BACKENDS, SAMPLER_NAMES, SAMPLERS, SAMPLERS_WITHOUT_ETA
+from ddpm_plugin.vocabulary import BACKENDS, PRECISIONS, SAMPLER_NAMES, SAMPLERS, SAMPLERS_WITHOUT_ETA
 
 from .arguments import MODEL_HELP, finite_float, whole_number
 
@@ -29,8 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="sampler: ddpm (the paper's ancestral sampling), ddim, or dpmsolver++ (second-order "
                              "DPM-Solver++, deterministic, for few steps)")
     parser.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta (0 = deterministic; DDIM only)")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="onnxruntime (the default when the model folder carries an onnx/ export) or pytorch")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="auto (the fastest for this CPU and batch size, by the engine table; `ddpm info` says "
+                             "which), onnxruntime, openvino (the export on OpenVINO) or pytorch")
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="auto (the engine table's), fp32 or bf16 (openvino and pytorch; float32 for the last "
+                             "steps)")
     outputs = parser.add_mutually_exclusive_group()
     outputs.add_argument("--output", help="picture of the grid to write (default: grid.png)")
     outputs.add_argument("--output-dir", help="folder of .npz shards and manifest.json (resumes a run there)")
@@ -48,10 +53,17 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}.")
     if args.eta < 0:
         raise ValueError(f"--eta must be a finite number >= 0, got {args.eta}.")
+    if args.backend == "onnxruntime" and args.precision == "bf16":
+        raise ValueError("--precision bf16 runs on --backend openvino or pytorch; onnxruntime runs the export's own "
+                         "precision.")
     if args.eta != 0 and args.scheduler in SAMPLERS_WITHOUT_ETA:
         raise ValueError(f"--eta {args.eta} is DDIM's stochasticity; the {SAMPLER_NAMES[args.scheduler]} sampler has none: add --scheduler ddim or drop --eta.")
     if args.output_dir is None:
         check_picture_path(Path(args.output or "grid.png"))
+
+
+def auto_to_none(value: str) -> str | None:
+    return None if value == "auto" else value
 
 
 def check_picture_path(path: Path) -> None:
@@ -71,9 +83,15 @@ def run(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     model = resolve_model(args.model)
-    options = dict(num_inference_steps=args.steps, scheduler=args.scheduler, eta=args.eta, seed=args.seed,
-                   backend=args.backend)
+    from ddpm_plugin.export.engine_choice import choose_engine
     from ddpm_plugin.export.sampler import open_sampler
+
+    choice = choose_engine(model, min(args.batch_size, args.num_images), auto_to_none(args.backend),
+                           auto_to_none(args.precision))
+    print(f"ddpm sample: {choice.backend} {choice.precision}, {choice.num_threads} threads: {choice.reason}",
+          file=sys.stderr)
+    options = dict(num_inference_steps=args.steps, scheduler=args.scheduler, eta=args.eta, seed=args.seed,
+                   backend=choice.backend, precision=None if choice.backend == "onnxruntime" else choice.precision)
 
     if args.output_dir is not None:
         import os
@@ -81,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         from ddpm_plugin.sample_shards import process_state, sample_to_shards
 
         state = process_state()
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None  # accelerate launch sets it per process
+        # accelerate launch sets OMP_NUM_THREADS per process
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or choice.num_threads
         sampler = open_sampler(model, device=str(getattr(state, "device", "cpu")), num_threads=threads,
                                progress_bar=state.is_main_process, **options)
         manifest = sample_to_shards(sampler, args.output_dir, args.num_images, args.batch_size, state)
@@ -97,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from ddpm_plugin.images import make_grid
 
     output = args.output or "grid.png"
-    sampler = open_sampler(model, **options)
+    sampler = open_sampler(model, num_threads=choice.num_threads, **options)
     images = np.concatenate([sampler(start, min(args.batch_size, args.num_images - start))
                              for start in range(0, args.num_images, args.batch_size)])
     make_grid(images, scale=args.scale).save(output)
