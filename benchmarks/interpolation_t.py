@@ -6,9 +6,9 @@ stays at or above `--keep` is the model's default interpolation step, which the 
 
     OMP_NUM_THREADS=1 python benchmarks/interpolation_t.py            # writes docs/results/interpolation_t.json
 
-MNIST is judged by the bundled digit classifier on MNIST's test set; the 8x8 digits model by the label of the
-nearest other scikit-learn digits image (the bundled digits model saw all of them in training, so this reads how
-well a class survives the round trip, not accuracy on unseen digits).
+Both models are judged on held-out images they did not train on: MNIST by the bundled digit classifier on MNIST's
+test set; the 8x8 digits model on the digits test split, by the label of the nearest image of the digits training
+split.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def mnist_judge(num_images: int, seed: int):
     from ddpm_plugin.data import dataset_images
 
     classifier = load_classifier()
-    images, _ = dataset_images("mnist", (1, 28, 28), num_images, seed)
+    images, _ = dataset_images("mnist", (1, 28, 28), num_images, seed, split="test")
     with torch.no_grad():
         labels = classify(classifier, images)[1].argmax(1)
 
@@ -62,10 +62,12 @@ def mnist_judge(num_images: int, seed: int):
 def digits_judge(num_images: int, seed: int):
     from sklearn.datasets import load_digits
 
+    from ddpm_plugin.data import digits_split
+
     digits = load_digits()
     images = np.rint(digits.images / 16.0 * 255).astype(np.uint8)[..., None]
-    order = np.random.default_rng(seed).permutation(len(images))
-    test, train = order[:num_images], order[num_images:]
+    test = np.random.default_rng(seed).permutation(digits_split("test"))[:num_images]
+    train = digits_split("train")
     reference = images[train].reshape(len(train), -1).astype(np.float32)
 
     def judge(reconstructions: np.ndarray) -> np.ndarray:
@@ -103,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     models = {"mnist": measure("mnist", MNIST_MODEL, mnist_judge, args),
               "digits": measure("digits", DIGITS_MODEL, digits_judge, args)}
     write_json(RESULTS, {
-        "what": "share of digits (MNIST: test set; digits: the model's own training images) whose class survives "
+        "what": "share of held-out digits (MNIST: test set; digits: test split) whose class survives "
                 "noising to x_t and decoding from t (the lambda = 0/1 ends of an interpolation); default_t is the "
                 "deepest t of the grid with at least `keep` kept",
-        "judge": {"mnist": "bundled mnist-classifier", "digits": "nearest scikit-learn digits image"},
+        "judge": {"mnist": "bundled mnist-classifier", "digits": "nearest image of the digits training split"},
         "sampler": f"ddpm ancestral, {args.steps}-step schedule", "keep": args.keep, "seed": args.seed,
         "models": models,
     })

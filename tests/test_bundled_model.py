@@ -144,7 +144,9 @@ def test_digits_model_samples_are_recognised_as_digits():
     real_confidence = classifier.predict_proba(x_test).max(axis=1)
     sample_confidence = classifier.predict_proba(samples).max(axis=1)
     classes = np.bincount(classifier.predict(samples), minlength=10)
+    print(f"\nmean confidence {sample_confidence.mean():.3f} (real {real_confidence.mean():.3f}); confident "
+          f"{(sample_confidence > CONFIDENT).mean():.2f} (real {(real_confidence > CONFIDENT).mean():.2f}); classes {classes.tolist()}")
     assert classifier.score(x_test, y_test) > 0.9
-    assert sample_confidence.mean() > 0.9 * real_confidence.mean()  # measured: 0.967 vs 0.982
-    assert (sample_confidence > CONFIDENT).mean() > 0.75  # measured: 0.91 (real test digits: 0.94)
+    assert sample_confidence.mean() > 0.9 * real_confidence.mean()  # the measured figures: docs/quality.md
+    assert (sample_confidence > CONFIDENT).mean() > 0.75
     assert (classes > 0).sum() >= 9, f"samples cover too few digits: {classes.tolist()}"
