@@ -314,6 +314,8 @@ def make_report(rows_dir: Path, names: list[str], settings: dict, shape: tuple, 
     report = {**settings, "threads": threads, "rows": {},
               "int8_eps_quality": json.loads(quality_file.read_text()) if quality_file.is_file() else None}
     for name, row in found.items():
+        if not row:  # not measured (yet)
+            continue
         reference = found[runtime_reference(name)]
         entry: dict[str, Any] = {}
         if "bpd" in row:

@@ -162,8 +162,10 @@ def load_sampler(backend: str, model: Path, batch_size: int, steps: int, threads
 
         sampler = open_sampler(model, backend=None, precision=None, batch_size=batch_size, num_inference_steps=steps,
                                progress_bar=False)
-        reason = choose_engine(model, batch_size).reason
-        return lambda: sampler(0, batch_size), {"engine": sampler.backend, "precision": sampler.precision, "reason": reason}
+        choice = choose_engine(model, batch_size)
+        description = {"engine": f"{sampler.backend} on {choice.num_threads} thread{'s' * (choice.num_threads > 1)}",
+                       "precision": sampler.precision, "reason": choice.reason}
+        return lambda: sampler(0, batch_size), description
     if backend.startswith(("onnx", "openvino")):
         from ddpm_plugin.export.onnx_pipeline import OnnxDDPMPipeline
 
