@@ -37,6 +37,7 @@ from PIL import Image
 from starlette.middleware import Middleware
 
 from ddpm_plugin.demo.backends import (
+    BACKEND_NAMES,
     CONCURRENCY_LIMIT,
     MAX_IMAGES,
     MAX_LAMBDAS,
@@ -64,7 +65,7 @@ DELETE_CACHE = (600, 3600)  # every 10 minutes, delete generated pictures older 
 # `--concurrency` model requests at once (and generation never needs more ONNX sessions than the engine holds).
 MODEL_QUEUE = "model"
 
-BACKEND_LABELS = {"onnxruntime": "ONNX Runtime", "pytorch": "PyTorch"}
+BACKEND_LABELS = BACKEND_NAMES
 SAMPLER_LABELS = {"ddpm": "DDPM (ancestral, paper)", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++"}
 VARIANCE_LABELS = {"fixed_large": "fixed_large (σ² = β_t)", "fixed_small": "fixed_small (σ² = β̃_t)"}
 
@@ -91,7 +92,7 @@ Uploads are converted to the model's size and colours. Runs on PyTorch."""
 # What each control does, in plain words (Gradio shows it under the control's label).
 HINTS = {
     "model": "Which trained network draws the pictures.",
-    "backend": "The software that runs the network; both give the same kind of pictures.",
+    "backend": "The software that runs the network; all give the same kind of pictures. The first is the fastest here.",
     "sampler": "DDPM is the paper's slow, careful way (1000 steps); DDIM gets similar pictures in far fewer steps, "
                "DPM-Solver++ in fewer still.",
     "variance": "How much fresh noise DDPM adds back at each step (the paper tried both).",

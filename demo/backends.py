@@ -1,5 +1,6 @@
-"""The demo's engine, free of Gradio: the configured models, sampling them with ONNX Runtime or PyTorch, and
-the pictures the page shows.
+"""The demo's engine, free of Gradio: the configured models, sampling them with ONNX Runtime, OpenVINO or PyTorch,
+and the pictures the page shows. The backend offered first is the one `ddpm sample` would choose on this machine
+(`ddpm_plugin.export.engine_choice`).
 
 `demo/app.py` lays out the page and hands every request to [`DemoEngine`]; everything here is also callable
 from Python and tested without a browser.
@@ -7,6 +8,7 @@ from Python and tested without a browser.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -22,11 +24,13 @@ import numpy as np
 from PIL import Image
 
 from ddpm_plugin.images import SnapshotRecorder, evenly_spaced_steps, make_grid, snapshot_grid, to_uint8
+from ddpm_plugin.export.engine_choice import choose_engine
 from ddpm_plugin.export.sampler import open_sampler
 from ddpm_plugin.sampling import with_scheduler
 from ddpm_plugin.trust import check_no_links, file_sha256, read_json
 from ddpm_plugin.vocabulary import (
     BACKENDS,
+    ONNX_BACKENDS,
     ONNX_METADATA_FILE,
     ONNX_SUBFOLDER,
     PAPER_VARIANCE_TYPES,
@@ -52,6 +56,7 @@ MAX_ECHO = 60  # characters of a rejected value that a message repeats
 INTERPOLATION_DEFAULTS = Path(__file__).resolve().parent / "interpolation_defaults.json"
 WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 
+BACKEND_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "pytorch": "PyTorch"}  # in messages and labels
 # Called after every denoising step with (steps done, total steps).
 StepCallback = Callable[[int, int], None]
 
@@ -85,7 +90,7 @@ class GenerationRequest:
 
     Args:
         model (`str`): The name of a configured model (never a path).
-        backend (`str`, defaults to `"onnxruntime"`): `"onnxruntime"` or `"pytorch"`.
+        backend (`str`, defaults to `"onnxruntime"`): `"onnxruntime"`, `"openvino"` or `"pytorch"`.
         sampler (`str`, defaults to `"ddpm"`): `"ddpm"` (the paper's ancestral sampler), `"ddim"` or `"dpmsolver++"`.
         variance_type (`str`, defaults to `"fixed_large"`): sigma_t^2 of the ancestral sampler, beta_t
             (`"fixed_large"`) or beta_tilde_t (`"fixed_small"`); DDIM ignores it.
@@ -146,7 +151,8 @@ class ProgressionRecorder(SnapshotRecorder):
 
 
 class DemoModel:
-    """One configured pipeline folder, loaded for PyTorch and, when possible, for ONNX Runtime.
+    """One configured pipeline folder, loaded for PyTorch and, when possible, for ONNX Runtime and OpenVINO (its
+    export).
 
     Args:
         name (`str`): The name the page shows.
@@ -154,7 +160,7 @@ class DemoModel:
             link or special file anywhere in it is refused (`UntrustedInputError`) before anything is read.
         num_threads (`int`, *optional*): Intra-op threads of each ONNX Runtime session.
         onnx (`bool`, defaults to `True`): Load the ONNX network of `folder/onnx` (as `ddpm export` writes it).
-        concurrency (`int`, defaults to 1): Requests that may sample at once: one ONNX Runtime pipeline each,
+        concurrency (`int`, defaults to 1): Requests that may sample at once: one export pipeline each per engine,
             because a pipeline's bound input and output buffers belong to one request at a time.
     """
 
@@ -169,47 +175,62 @@ class DemoModel:
         self.variance_type = config.variance_type
         self.image_shape = tuple(self.torch_pipeline.image_shape(1)[1:])  # (channels, height, width)
         self.interpolation_t, self.interpolation_hint = interpolation_default(folder, self.num_train_timesteps)
-        self._onnx_pipelines: queue.SimpleQueue | None = None
-        self.onnx_folder: Path | None = None  # the export ONNX Runtime samples with
-        self.onnx_problem: str | None = "disabled by --no-onnx"
-        if onnx:
+        self._export_pipelines: dict[str, queue.SimpleQueue] = {}
+        self.onnx_folder: Path | None = None  # the export the export backends sample with
+        # Why an export backend is off, by backend (None: available); visitors see it (the page, `/models`).
+        self.export_problems: dict[str, str | None] = {backend: "disabled by --no-onnx" for backend in ONNX_BACKENDS}
+        for backend in ONNX_BACKENDS if onnx else ():
             try:
-                self._onnx_pipelines = self._load_onnx(num_threads, concurrency)
-                self.onnx_problem = None
+                self._export_pipelines[backend] = self._load_export(backend, num_threads, concurrency)
+                self.export_problems[backend] = None
             except Exception as error:  # an optional backend: the page explains why it is off
-                logger.warning("ONNX Runtime backend disabled for %s: %s: %s", name, type(error).__name__, error)
-                # Visitors see it too (the page, `/models`): the model's name stands for its server path.
-                self.onnx_problem = f"{type(error).__name__}: {error}".replace(str(folder), name)
+                logger.warning("%s backend disabled for %s: %s: %s", BACKEND_NAMES[backend], name,
+                               type(error).__name__, error)
+                # The model's name stands for its server path.
+                self.export_problems[backend] = f"{type(error).__name__}: {error}".replace(str(folder), name)
+
+    @property
+    def onnx_problem(self) -> str | None:
+        """Why ONNX Runtime is off for this model (None: it is available)."""
+        return self.export_problems["onnxruntime"]
 
     @property
     def has_onnx(self) -> bool:
-        return self._onnx_pipelines is not None
+        return "onnxruntime" in self._export_pipelines
 
-    def _load_onnx(self, num_threads: int | None, concurrency: int) -> queue.SimpleQueue:
-        from ddpm_plugin.export.sampler import open_sampler
+    def runs(self, backend: str) -> bool:
+        return backend == "pytorch" or backend in self._export_pipelines
 
+    def _load_export(self, backend: str, num_threads: int | None, concurrency: int) -> queue.SimpleQueue:
         if not (self.folder / ONNX_SUBFOLDER / ONNX_METADATA_FILE).is_file():
             raise FileNotFoundError(f"{self.folder} carries no ONNX export in {ONNX_SUBFOLDER}/: "
                                     f"run `ddpm export --model {self.folder} --output {self.folder}/onnx` to add one")
+        if importlib.util.find_spec(backend) is None:
+            raise ModuleNotFoundError(f'{backend} is not installed: pip install "ddpm-plugin[{backend}]"')
+        options: dict[str, Any] = {"device": "auto"}
+        if backend == "openvino":  # the precision `ddpm sample` would choose for OpenVINO at the default request
+            choice = choose_engine(self.folder, GenerationRequest.num_images, backend="openvino")
+            options = {"precision": choice.precision}
         pipelines: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(concurrency):
-            pipelines.put(open_sampler(self.folder, "onnxruntime", device="auto", num_threads=num_threads,
-                                       progress_bar=False).pipe)
+            pipelines.put(open_sampler(self.folder, backend, num_threads=num_threads, progress_bar=False,
+                                       **options).pipe)
         self.onnx_folder = self.folder / ONNX_SUBFOLDER
         return pipelines
 
     @contextmanager
-    def _onnx_pipeline(self) -> Iterator[Any]:
-        pipe = self._onnx_pipelines.get()
+    def _export_pipeline(self, backend: str) -> Iterator[Any]:
+        pipelines = self._export_pipelines[backend]
+        pipe = pipelines.get()
         try:
             yield pipe
         finally:
-            self._onnx_pipelines.put(pipe)
+            pipelines.put(pipe)
 
     def sample(self, request: GenerationRequest, recorder: ProgressionRecorder) -> np.ndarray:
         """Run `request` (already checked) on its backend, feeding `recorder`; the images NHWC in [0, 1]."""
-        if request.backend == "onnxruntime":
-            with self._onnx_pipeline() as pipe:
+        if request.backend in ONNX_BACKENDS:
+            with self._export_pipeline(request.backend) as pipe:
                 return pipe(
                     batch_size=request.num_images, num_inference_steps=request.num_inference_steps,
                     scheduler=request.sampler, eta=request.eta, variance_type=request.variance_type,
@@ -353,9 +374,12 @@ class DemoEngine:
 
     @property
     def backends(self) -> list[str]:
-        """The backends at least one model can run, ONNX Runtime first."""
-        onnx = any(model.has_onnx for model in self.models.values())
-        return [backend for backend in BACKENDS if onnx or backend != "onnxruntime"]
+        """The backends at least one model can run; first the one `ddpm sample` would choose here for the first
+        model's default request, where that one runs."""
+        available = [backend for backend in BACKENDS if any(model.runs(backend) for model in self.models.values())]
+        first = self.models[self.model_names[0]]
+        chosen = choose_engine(first.folder, GenerationRequest.num_images).backend
+        return sorted(available, key=lambda backend: backend != chosen) if first.runs(chosen) else available
 
     @property
     def max_steps(self) -> int:
@@ -371,8 +395,9 @@ class DemoEngine:
         """`request` with whole numbers as ints, or a `ValueError` that names the rejected control."""
         model = self.model(request.model)
         _one_of("Backend", request.backend, BACKENDS)
-        if request.backend == "onnxruntime" and not model.has_onnx:
-            raise ValueError(f"ONNX Runtime is not available for {model.name} ({model.onnx_problem}); use PyTorch.")
+        if not model.runs(request.backend):
+            raise ValueError(f"{BACKEND_NAMES[request.backend]} is not available for {model.name} "
+                             f"({model.export_problems[request.backend]}); use PyTorch.")
         _one_of("Sampler", request.sampler, SAMPLERS)
         _one_of("Variance", request.variance_type, PAPER_VARIANCE_TYPES)
         eta = request.eta
@@ -423,7 +448,7 @@ class DemoEngine:
                     "num_train_timesteps": model.num_train_timesteps,
                     "variance_type": model.variance_type,
                     "interpolation_t": model.interpolation_t,
-                    "onnxruntime": model.onnx_problem or "available",
+                    **{backend: model.export_problems[backend] or "available" for backend in ONNX_BACKENDS},
                     "training": training_summary(model.folder),
                 }
                 for name, model in self.models.items()

@@ -25,6 +25,7 @@ from ddpm_plugin.demo.backends import (
     unique_names,
 )
 from ddpm_plugin.bundled import MNIST_MODEL
+from ddpm_plugin.export.engine_choice import choose_engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,8 +62,12 @@ def test_onnx_backend_samples_the_shipped_export_reproducibly_and_keeps_no_cache
     folder = Path(shutil.copytree(tiny_pipeline_dir, tmp_path / "exported" / "pipeline"))  # the name request() picks
     export_onnx(folder, folder / "onnx", seed=0)
     engine = DemoEngine([folder], num_threads=1, concurrency=2)
-    assert engine.backends == ["onnxruntime", "pytorch"]
+    # every engine that runs the export, the one `ddpm sample` would choose here first
+    assert sorted(engine.backends) == ["onnxruntime", "openvino", "pytorch"]
+    assert engine.backends[0] == choose_engine(folder, GenerationRequest.num_images).backend
     first = engine.generate(request(backend="onnxruntime", seed=3)).images
+    on_openvino = engine.generate(request(backend="openvino", seed=3)).images  # the same export, another engine
+    np.testing.assert_allclose(on_openvino, first, rtol=0, atol=1e-3)
     again = DemoEngine([folder], num_threads=1)
     np.testing.assert_array_equal(first, again.generate(request(backend="onnxruntime", seed=3)).images)
     assert not (tmp_path / "cache" / "ddpm-plugin").exists()  # no export (onnxruntime keeps a device id there)
@@ -118,7 +123,7 @@ def test_gallery_images_are_upscaled_with_crisp_pixels(engine):
         ({"eta": 1.5}, "Eta must be a number in 0..1"),
         ({"sampler": "euler"}, "Sampler must be one of ddpm, ddim"),
         ({"variance_type": "learned"}, "Variance must be one of fixed_large, fixed_small"),
-        ({"backend": "tensorflow"}, "Backend must be one of onnxruntime, pytorch"),
+        ({"backend": "tensorflow"}, "Backend must be one of onnxruntime, openvino, pytorch"),
         ({"backend": "onnxruntime"}, "ONNX Runtime is not available for pipeline"),
         ({"model": "/etc"}, "Unknown model '/etc'; choose one of: pipeline"),
         ({"model": "../pipeline"}, "Unknown model"),
@@ -137,7 +142,7 @@ def test_gallery_images_are_upscaled_with_crisp_pixels(engine):
         ({"eta": "0.5"}, "Eta must be a number in 0..1, got '0.5'"),
         ({"eta": [0.1]}, "Eta must be a number in 0..1, got [0.1]"),
         ({"sampler": ["ddim"]}, "Sampler must be one of ddpm, ddim, dpmsolver++; got ['ddim']"),
-        ({"backend": None}, "Backend must be one of onnxruntime, pytorch; got None"),
+        ({"backend": None}, "Backend must be one of onnxruntime, openvino, pytorch; got None"),
         ({"model": ["pipeline"]}, "Unknown model ['pipeline']"),
         ({"model": "m" * 5_000_000}, "Unknown model 'mmm"),
     ],

@@ -129,7 +129,7 @@ def test_named_api_lists_models_and_limits(demo_server):
     description = gradio_client.Client(demo_server.url, verbose=False).predict(api_name="/models")
     assert "pipeline" in description["models"]
     assert description["limits"]["max_images"] == MAX_IMAGES
-    assert set(description["backends"]) <= {"onnxruntime", "pytorch"} and "pytorch" in description["backends"]
+    assert set(description["backends"]) <= {"onnxruntime", "openvino", "pytorch"} and "pytorch" in description["backends"]
     assert str(demo_server.tiny_dir) not in str(description)  # names only, no server paths
 
 
