@@ -205,7 +205,7 @@ class DDPMPaperPipeline(DDPMPipeline):
         key = (id(self.unet), self.unet.dtype, sum(parameter._version for parameter in self.unet.parameters()))
         cached = getattr(self, "_float32_copy", None)
         if cached is None or cached[0] != key:
-            cached = (key, copy.deepcopy(self.unet).to(torch.float32))
+            cached = (key, copy.deepcopy(self.unet).float())  # Module.float: diffusers' to(dtype) warns needlessly
             self._float32_copy = cached
         return cached[1]
 
