@@ -12,10 +12,10 @@ the budgets of docs/quality.md.
 
 The work of a case is the UNet's GFLOP per image (as `ddpm export` records it) times the batch size. For each
 capability (`"bf16": true`: every admitted candidate; `"bf16": false`: the float32 candidates only, timed on this same
-machine) the cases are ordered by work; where the fastest candidate changes between neighbouring cases, a rule ends at
-the geometric midpoint of their work. Each rule lists its candidates from fastest to slowest (by the geometric mean,
-over its cases, of each candidate's time relative to the fastest), so a machine without the winner's engine gets the
-next one.
+machine) the cases are ordered by work; where the order of the candidates changes between neighbouring cases (the
+fastest, or the one a machine without the faster engines installed would get), a rule ends at the geometric midpoint
+of their work. Each rule lists its candidates from fastest to slowest, so a machine without the winner's engine gets
+the next one.
 
     python benchmarks/engine_choice.py                      # about 15-25 minutes on 2 idle cores
     python benchmarks/engine_choice.py --cases digits:1:50 --no-write   # smoke test
@@ -51,6 +51,7 @@ bench = _load_sampling_benchmark()
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "export" / "engine_table.json"
 RESULTS = "docs/results/engine_choice.md"
+RAW_RESULTS = "docs/results/engine_choice.json"  # every timing, from which the rules can be derived again
 # sampling.py's worker name -> the engine table's choice.
 CANDIDATES: dict[str, dict[str, Any]] = {
     "onnx-dynamo": {"backend": "onnxruntime", "precision": "fp32", "threads": None},
@@ -86,34 +87,21 @@ def within_budget(row: dict | None) -> tuple[bool, str]:
 
 
 def derive_rules(cases: Sequence[tuple[float, dict[str, float]]], candidates: Sequence[str]) -> list[tuple[float | None, list[str]]]:
-    """(max GFLOP per step or None, candidates fastest first) for each run of neighbouring cases with the same
-    fastest candidate. `cases` are (work, {candidate: seconds per step}); a candidate missing from a case, or
-    infinitely slow there, never runs it, and is left out of that rule's choices."""
+    """(max GFLOP per step or None, candidates fastest first) for each run of neighbouring cases (by work) that
+    rank the candidates alike. `cases` are (work, {candidate: seconds per step}); a candidate missing from a case,
+    or infinitely slow there, never runs it, and is left out of that case's ranking."""
     if not cases or not candidates:
         raise ValueError("the rules need at least one case and one candidate.")
     ordered = sorted(cases, key=lambda case: case[0])
-
-    def seconds(times: dict[str, float], name: str) -> float:
-        return times.get(name, math.inf)
-
-    winners = [min(candidates, key=lambda name: seconds(times, name)) for _, times in ordered]
-    groups: list[list[int]] = []
-    for index, winner in enumerate(winners):
-        if groups and winners[groups[-1][-1]] == winner:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    rules = []
-    for number, group in enumerate(groups):
-        last = number == len(groups) - 1
-        limit = None if last else math.sqrt(ordered[group[-1]][0] * ordered[groups[number + 1][0]][0])
-
-        def score(name: str) -> float:
-            ratios = [seconds(ordered[i][1], name) / min(seconds(ordered[i][1], c) for c in candidates) for i in group]
-            return math.exp(sum(map(math.log, ratios)) / len(ratios)) if all(map(math.isfinite, ratios)) else math.inf
-
-        ranked = sorted((name for name in candidates if math.isfinite(score(name))), key=score)
-        rules.append((limit, ranked))
+    rankings = [sorted((name for name in candidates if math.isfinite(times.get(name, math.inf))), key=times.__getitem__)
+                for _, times in ordered]
+    rules: list[tuple[float | None, list[str]]] = []
+    for index, ranking in enumerate(rankings):
+        if rules and rules[-1][1] == ranking:
+            continue
+        if rules:  # the previous rule ends halfway (geometrically) between the previous case's work and this one's
+            rules[-1] = (math.sqrt(ordered[index - 1][0] * ordered[index][0]), rules[-1][1])
+        rules.append((None, ranking))
     return rules
 
 
@@ -197,7 +185,15 @@ def main() -> None:
     if not args.no_write:
         TABLE.write_text(json.dumps(table, indent=2) + "\n")
         (ROOT / RESULTS).write_text("\n".join(report) + "\n")
-        print(f"# wrote {TABLE} and {ROOT / RESULTS}")
+        raw = [{"model": Path(case.model).name, "batch_size": case.batch_size, "steps": case.num_inference_steps,
+                "gflop_per_step": gflop * case.batch_size,
+                "ms_per_step": {name: {key: value * 1000 / case.num_inference_steps for key, value in
+                                       (("min", r["wall"].minimum), ("median", r["wall"].median), ("max", r["wall"].maximum))}
+                                for name, r in results.items()}}
+               for case, gflop, results in measured]
+        (ROOT / RAW_RESULTS).write_text(json.dumps({"machine": machine, "load_average_start": load_before,
+                                                    "cases": raw}, indent=1) + "\n")
+        print(f"# wrote {TABLE}, {ROOT / RESULTS} and {ROOT / RAW_RESULTS}")
 
 
 def results_report(measured: list, roofline: dict, table: dict, quality_lines: list[str], threads: int,
