@@ -78,7 +78,8 @@ ONNX_FOLDERS = {"onnx-dynamo": "onnx", "onnx-torchscript": "onnx-torchscript", "
 EXPORT_OF = {**{backend: backend for backend in ONNX_FOLDERS}, "onnx-threads1": "onnx-dynamo",
              "openvino-fp32": "onnx-dynamo", "openvino-bf16": "onnx-dynamo", "default": "onnx-dynamo"}
 MATMUL_SIZE = 2048
-# The issue's goals: (model, batch size, backend, baseline, least speed-up, least share of its precision's matmul rate).
+# The goals set for the CPU path: (model, batch size, backend, baseline, least speed-up, least share of its precision's
+# matmul rate).
 GOALS = (("cifar10", 8, "default", "diffusers-bf16", 1.6, 0.50), ("digits", 1, "default", "diffusers-fp32", 5.0, None))
 
 
