@@ -179,6 +179,7 @@ class DemoModel:
         self.onnx_folder: Path | None = None  # the export the export backends sample with
         # Why an export backend is off, by backend (None: available); visitors see it (the page, `/models`).
         self.export_problems: dict[str, str | None] = {backend: "disabled by --no-onnx" for backend in ONNX_BACKENDS}
+        self.export_precisions: dict[str, str] = {}  # the precision each export backend runs, once loaded
         for backend in ONNX_BACKENDS if onnx else ():
             try:
                 self._export_pipelines[backend] = self._load_export(backend, num_threads, concurrency)
@@ -213,8 +214,9 @@ class DemoModel:
             options = {"precision": choice.precision}
         pipelines: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(concurrency):
-            pipelines.put(open_sampler(self.folder, backend, num_threads=num_threads, progress_bar=False,
-                                       **options).pipe)
+            sampler = open_sampler(self.folder, backend, num_threads=num_threads, progress_bar=False, **options)
+            pipelines.put(sampler.pipe)
+        self.export_precisions[backend] = sampler.precision
         self.onnx_folder = self.folder / ONNX_SUBFOLDER
         return pipelines
 
