@@ -530,8 +530,13 @@ def drive_page(page, server: DemoServer, test_output_dir: Path, expect) -> None:
     page.locator("#steps input").fill("300")
     page.locator("#seed input").fill("11")
     page.locator("#generate").click()
-    expect(page.locator("#gallery")).to_contain_text("denoising", timeout=60_000)
-    expect(summary).to_contain_text("seed 11,", timeout=120_000)
+    try:
+        expect(page.locator("#gallery")).to_contain_text("denoising", timeout=60_000)
+        expect(summary).to_contain_text("seed 11,", timeout=120_000)
+    except AssertionError as error:  # say what the page said, and the server's last words
+        shown = page.locator(".toast-wrap, .toast-body, #gallery").all_inner_texts()
+        log = server.log.read_text()[-3000:] if server.log.exists() else ""
+        raise AssertionError(f"{error}\npage: {shown}\nserver log: {log}") from None
     # 2. DDIM: choosing it sets 50 steps; 20 steps, seeds A, B, A.
     page.get_by_test_id("DDIM-radio-label").click()
     expect(page.locator("#steps input")).to_have_value("50")
