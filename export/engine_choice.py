@@ -27,7 +27,7 @@ from ddpm_plugin.trust import read_json
 from ddpm_plugin.vocabulary import BACKENDS, ONNX_SUBFOLDER, PRECISIONS, Backend, Precision
 
 from .cpu import BF16_INSTRUCTION_SETS, cpu_name, has_bf16, instruction_sets, physical_cpu_count
-from .onnx_folder import read_metadata, resolve_export_folder
+from .onnx_folder import export_precision, read_metadata, resolve_export_folder
 
 TABLE_FILE = Path(__file__).with_name("engine_table.json")
 TABLE_FORMAT_VERSION = 1
@@ -213,7 +213,7 @@ def _inspect(model: Path) -> _Model:
     except FileNotFoundError:
         return _Model(None, None, pipeline)
     metadata = read_metadata(folder)
-    precision = str(metadata.get("precision") or ("fp16" if metadata.get("fp16") else "fp32"))
+    precision = export_precision(metadata)
     gflop = metadata.get("gflop_per_image")
     if gflop is not None and (isinstance(gflop, bool) or not isinstance(gflop, Real) or not math.isfinite(gflop)
                               or gflop <= 0):

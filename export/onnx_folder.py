@@ -84,6 +84,11 @@ def model_file_in(folder: Path, model_file: Any) -> Path:
         ) from None
 
 
+def export_precision(metadata: dict[str, Any]) -> str:
+    """The precision an export's metadata records (`fp32`, `fp16` or `int8`); exports older than the field say `fp16`."""
+    return str(metadata.get("precision") or ("fp16" if metadata.get("fp16") else "fp32"))
+
+
 def read_metadata(folder: Path) -> dict[str, Any]:
     """`ddpm_onnx.json`, refused unless it is a JSON object of this format version."""
     path = folder / ONNX_METADATA_FILE

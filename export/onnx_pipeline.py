@@ -42,6 +42,7 @@ from .numpy_sampler import (
 from .onnx_folder import (
     FORMAT_VERSION,
     OnnxModelError,
+    export_precision,
     model_file_in,
     open_export_folder,
     resolve_export_folder,
@@ -206,7 +207,7 @@ class OnnxDDPMPipeline:
         """The precision the network runs in: the export's (`fp32`, `fp16`, `int8`), or OpenVINO's."""
         if self.engine is not None:
             return self.engine.precision
-        return str(self.metadata.get("precision") or ("fp16" if self.metadata.get("fp16") else "fp32"))
+        return export_precision(self.metadata)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -266,7 +267,7 @@ class OnnxDDPMPipeline:
         if engine == "openvino":
             return cls._from_export_on_openvino(export, provider, num_threads, cuda_graph, session_options,
                                                 precision or "fp32", float32_below_t)
-        exported = str(metadata.get("precision") or ("fp16" if metadata.get("fp16") else "fp32"))
+        exported = export_precision(metadata)
         if precision not in (None, exported) or float32_below_t is not None:
             raise ValueError(f"onnxruntime runs the export's own precision ({exported}); `precision` {precision!r} "
                              f"and `float32_below_t` are the OpenVINO engine's (`engine=\"openvino\"`).")
@@ -289,7 +290,7 @@ class OnnxDDPMPipeline:
         if provider not in ("auto", "cpu") or cuda_graph or session_options is not None:
             raise ValueError("`provider`, `cuda_graph` and `session_options` are onnxruntime's; the OpenVINO engine "
                              "runs on the CPU with `num_threads` threads.")
-        exported = export.metadata.get("precision") or ("fp16" if export.metadata.get("fp16") else "fp32")
+        exported = export_precision(export.metadata)
         if exported != "fp32":
             raise OnnxModelError(f"{export.folder} is a {exported} export; the OpenVINO engine runs a float32 export "
                                  f"(and makes bf16 from it itself): export one with `ddpm export` without --quantize/--fp16.")

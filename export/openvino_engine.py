@@ -36,7 +36,6 @@ class OpenVinoUNet(UNetBuffers):
 
     def __init__(self, requests: list[ov.InferRequest], shape: tuple[int, ...], float32_below_t: int = 0) -> None:
         super().__init__(shape)
-        self.device = "cpu"
         self.float32_below_t = float32_below_t if len(requests) > 1 else 0
         for request in requests:
             request.set_input_tensor(0, ov.Tensor(self._sample, shared_memory=True))

@@ -53,9 +53,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}.")
     if args.eta < 0:
         raise ValueError(f"--eta must be a finite number >= 0, got {args.eta}.")
-    if args.backend == "onnxruntime" and args.precision == "bf16":
-        raise ValueError("--precision bf16 runs on --backend openvino or pytorch; onnxruntime runs the export's own "
-                         "precision.")
     if args.eta != 0 and args.scheduler in SAMPLERS_WITHOUT_ETA:
         raise ValueError(f"--eta {args.eta} is DDIM's stochasticity; the {SAMPLER_NAMES[args.scheduler]} sampler has none: add --scheduler ddim or drop --eta.")
     if args.output_dir is None:
